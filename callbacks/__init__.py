@@ -1,0 +1,1 @@
+"""Lightning callbacks: what a run writes (shards, statistics, images, checkpoints) is decided here."""

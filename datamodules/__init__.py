@@ -1,0 +1,1 @@
+"""LightningDataModules: activation shards for `fit`, prompt items for `predict`, image folders for `test`."""

@@ -1,0 +1,217 @@
+"""The TopK sparse autoencoder (SPEC §1) and its checkpoint formats (SPEC §7).
+
+Everything acts on tokens: `x` is `[..., d_in]` and the leading dimensions are flattened to `N` tokens,
+except for `sample_topk`, which needs the sample dimension (`x` is `[B, N, d_in]`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saemnesia.checkpoints import read_checkpoint, write_checkpoint
+
+
+@dataclass
+class SaeConfig:
+    """Architecture of a sparse autoencoder; the field names are those of the published `cfg.json`."""
+
+    expansion_factor: int = 16
+    """Latents per input dimension; used when `num_latents` is 0. Published: 16 (1280 → 20480)."""
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm during unsupervised training (the fine-tuning stage does not)."""
+    num_latents: int = 0
+    """Number of latents L; 0 means `expansion_factor * d_in`."""
+    k: int = 32
+    """Active latents per token (TopK). Published: 32."""
+    batch_topk: bool = False
+    """Keep the `k·N` largest activations over the flattened batch of N tokens (SAeUron pre-training)."""
+    sample_topk: bool = False
+    """Keep the `k` largest activations over each whole sample `[N, L]` (rare)."""
+    input_unit_norm: bool = False
+    """Kept for checkpoint compatibility; the published checkpoints use False and True is refused."""
+    multi_topk: bool = False
+    """Add the Multi-TopK auxiliary FVU (reconstruction from the top `4k` latents) to the unsupervised loss."""
+
+
+class ForwardOutput(NamedTuple):
+    """What one forward pass computes; shapes for `x` of shape `[..., d]` and `N` tokens."""
+
+    sae_out: Tensor
+    """Reconstruction `[..., d]`."""
+    latent_acts: Tensor
+    """Values of the active latents `[..., K]` (K = k, or the widest token for batch/sample TopK)."""
+    latent_indices: Tensor
+    """Indices of the active latents `[..., K]`."""
+    fvu: Tensor
+    """Fraction of variance unexplained, a scalar (SPEC §2.1)."""
+    auxk_loss: Tensor
+    """AuxK dead-latent loss, a scalar; 0 when no dead mask is given or no latent is dead."""
+    multi_topk_fvu: Tensor
+    """FVU of the top-`4k` reconstruction, a scalar; 0 unless `cfg.multi_topk`."""
+
+
+class SparseAutoencoder(nn.Module):
+    """`pre_acts(x) = ReLU(W_enc (x − b_dec) + b_enc)`, TopK, `decode(z) = z W_dec + b_dec` (SPEC §1)."""
+
+    def __init__(self, d_in: int, cfg: SaeConfig | None = None, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        cfg = cfg or SaeConfig()
+        if cfg.input_unit_norm:
+            raise ValueError("SaeConfig.input_unit_norm=True is not supported; the published checkpoints use False.")
+        if cfg.batch_topk and cfg.sample_topk:
+            raise ValueError("SaeConfig.batch_topk and sample_topk are exclusive; set at most one of them.")
+        self.d_in = d_in
+        self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        self.cfg = replace(cfg, num_latents=self.num_latents)  # explicit in every checkpoint we write
+
+        self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
+        self.encoder.bias.data.zero_()
+        # The decoder starts as the encoder's transpose-free copy: rows are latent directions (SPEC §1).
+        self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
+        self.set_decoder_norm_to_unit_norm()
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+
+    # -- encoding -------------------------------------------------------------------------------------------
+    def pre_relu_acts(self, x: Tensor) -> Tensor:
+        """`W_enc (x − b_dec) + b_enc`, dense: `[..., L]`."""
+        return self.encoder(x - self.b_dec)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense post-ReLU activations before TopK: `[..., L]`."""
+        return F.relu(self.pre_relu_acts(x))
+
+    def select_topk(self, pre_acts: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Sparsify dense activations `[..., L]` with this SAE's TopK variant; returns `(acts, indices)`."""
+        k = k or self.cfg.k
+        if not (self.cfg.batch_topk or self.cfg.sample_topk):
+            return pre_acts.topk(k, dim=-1, sorted=False)
+        if self.cfg.batch_topk:
+            pools = pre_acts.reshape(1, -1, self.num_latents)  # [1, N, L]: the whole batch is one pool
+            acts, indices = _pooled_topk(pools, k * pools.shape[1])
+        else:
+            if pre_acts.ndim < 3:
+                raise ValueError(f"sample_topk needs inputs shaped [B, N, d]; got {pre_acts.ndim - 1} dims before L.")
+            pools = pre_acts.reshape(-1, pre_acts.shape[-2], self.num_latents)  # [B, N, L]
+            acts, indices = _pooled_topk(pools, k)
+        return acts.reshape(*pre_acts.shape[:-1], -1), indices.reshape(*pre_acts.shape[:-1], -1)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """TopK code of `x [..., d]`: `(top_acts, top_indices)`, each `[..., K]`."""
+        return self.select_topk(self.pre_acts(x))
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """`Σ_i v_i W_dec[idx_i] + b_dec` for each token: `[..., K]` → `[..., d]`; never forms the dense code."""
+        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+
+    # -- training forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        pre_acts = self.pre_acts(x)
+        top_acts, top_indices = self.select_topk(pre_acts)
+        sae_out = self.decode(top_acts, top_indices)
+
+        flat_x = x.reshape(-1, self.d_in)  # [N, d]
+        total_variance = (flat_x - flat_x.mean(0)).pow(2).sum()
+        fvu = (sae_out.reshape(-1, self.d_in) - flat_x).pow(2).sum() / total_variance
+
+        zero = fvu.new_zeros(())
+        auxk_loss = zero
+        if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
+            auxk_loss = self._auxk_loss(pre_acts.reshape(-1, self.num_latents), flat_x,
+                                        sae_out.reshape(-1, self.d_in), dead_mask, num_dead, total_variance)
+        multi_topk_fvu = zero
+        if self.cfg.multi_topk:
+            multi_acts, multi_indices = pre_acts.topk(4 * self.cfg.k, dim=-1, sorted=False)
+            multi_out = self.decode(multi_acts, multi_indices).reshape(-1, self.d_in)
+            multi_topk_fvu = (multi_out - flat_x).pow(2).sum() / total_variance
+        return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
+
+    def _auxk_loss(self, pre_acts: Tensor, x: Tensor, sae_out: Tensor, dead_mask: Tensor, num_dead: int,
+                   total_variance: Tensor) -> Tensor:
+        """AuxK of Gao et al. (2024) as SPEC §2.1 fixes it: dead latents predict the detached residual."""
+        half_d = self.d_in // 2
+        k_aux = min(half_d, num_dead)
+        scale = min(num_dead / half_d, 1.0)
+        dead_pre_acts = pre_acts.masked_fill(~dead_mask, float("-inf"))  # [N, L], live latents excluded
+        aux_acts, aux_indices = dead_pre_acts.topk(k_aux, dim=-1, sorted=False)
+        residual = (x - sae_out).detach()  # e = x − x̂, a constant target
+        residual_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)  # no b_dec: it predicts a residual
+        return scale * (residual_hat - residual).pow(2).sum() / total_variance
+
+    # -- decoder geometry -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True) + eps
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each row's gradient onto the row's orthogonal complement, so steps keep the norm fixed."""
+        if self.W_dec.grad is None:
+            return
+        directions = F.normalize(self.W_dec.data, dim=1)
+        parallel = (self.W_dec.grad * directions).sum(dim=1, keepdim=True)  # [L, 1]
+        self.W_dec.grad -= parallel * directions
+
+    @torch.no_grad()
+    def init_b_dec_to_geometric_median(self, x: Tensor) -> None:
+        self.b_dec.data = geometric_median(x.reshape(-1, self.d_in).float()).to(self.b_dec.dtype)
+
+    # -- checkpoints (SPEC §7) ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `cfg.json` + `sae.safetensors` into the folder `path`; both load in the published code."""
+        write_checkpoint(Path(path), {**asdict(self.cfg), "d_in": self.d_in}, self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, hookpoint: str | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> SparseAutoencoder:
+        """Load a checkpoint folder, or `path/hookpoint`; accepts the legacy `state_dict.pth` layout too."""
+        config, state = read_checkpoint(Path(path), hookpoint)
+        known = {field.name for field in fields(SaeConfig)}
+        cfg = SaeConfig(**{key: value for key, value in config.items() if key in known})
+        sae = cls(config["d_in"], cfg, device="meta")
+        sae.load_state_dict(state, assign=True)
+        return sae.to(device=device, dtype=dtype)
+
+
+def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
+    """`Σ_i acts_i · W_dec[idx_i]` per token, `[..., K]` → `[..., d]`, as an embedding bag (no dense code)."""
+    flat_acts = top_acts.reshape(-1, top_acts.shape[-1])  # [N, K]
+    flat_indices = top_indices.reshape(-1, top_indices.shape[-1])  # [N, K]
+    out = F.embedding_bag(flat_indices, W_dec, per_sample_weights=flat_acts.to(W_dec.dtype), mode="sum")
+    return out.reshape(*top_acts.shape[:-1], W_dec.shape[-1])  # [..., d]
+
+
+def _pooled_topk(pre_acts: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Keep the `keep` largest activations of each pool `[P, N, L]` of N tokens (batch / sample TopK).
+
+    Returns per-token `(acts, indices)` `[P, N, W]`, zero-padded to the widest token W, so the result decodes
+    with `sparse_decode` like a per-token code.
+    """
+    pools, tokens, num_latents = pre_acts.shape
+    flat = pre_acts.reshape(pools, tokens * num_latents)  # [P, N·L]
+    threshold = flat.topk(min(keep, flat.shape[1]), dim=-1, sorted=False).values.min(dim=-1).values  # [P]
+    # Ties at the threshold may keep a few extra activations; with continuous inputs they do not occur.
+    kept = torch.where(pre_acts >= threshold[:, None, None], pre_acts, 0.0)  # [P, N, L]
+    width = max(1, int((kept > 0).sum(-1).max()))
+    return kept.topk(width, dim=-1, sorted=False)  # [P, N, W]
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points [N, d]`."""
+    median = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)  # [N]
+        previous, median = median, (weights[:, None] * points).sum(0) / weights.sum()
+        if (median - previous).norm() < tol * previous.norm().clamp_min(1e-8):
+            break
+    return median

@@ -1,0 +1,142 @@
+"""SparseAutoencoder against hand-written float64 references (SPEC §1, §2.1)."""
+
+import pytest
+import torch
+
+from saemnesia.sae import SaeConfig, SparseAutoencoder, geometric_median
+
+
+def make_sae(d: int = 6, latents: int = 24, k: int = 3, **cfg) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d, SaeConfig(num_latents=latents, k=k, **cfg), dtype=torch.float64)
+    with torch.no_grad():  # non-trivial biases so every term of the formulas is exercised
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def naive_pre_acts(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    W, b = sae.encoder.weight.detach(), sae.encoder.bias.detach()
+    return torch.stack([torch.clamp(W @ (token - sae.b_dec.detach()) + b, min=0) for token in x])
+
+
+def dense_code(values: torch.Tensor, indices: torch.Tensor, num_latents: int) -> torch.Tensor:
+    return torch.zeros(*values.shape[:-1], num_latents, dtype=values.dtype).scatter(-1, indices, values)
+
+
+def test_per_token_topk_keeps_the_k_largest_and_decodes_like_dense():
+    sae = make_sae()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    expected_pre = naive_pre_acts(sae, x)
+    torch.testing.assert_close(sae.pre_acts(x), expected_pre)
+
+    acts, indices = sae.encode(x)
+    assert acts.shape == indices.shape == (10, 3)
+    for token in range(10):
+        expected = sorted(expected_pre[token].tolist(), reverse=True)[:3]
+        assert sorted(acts[token].tolist(), reverse=True) == pytest.approx(expected)
+    dense = dense_code(acts, indices, 24)
+    torch.testing.assert_close(sae.decode(acts, indices), dense @ sae.W_dec + sae.b_dec)
+
+
+def test_batch_topk_keeps_k_times_n_largest_over_the_batch():
+    sae = make_sae(batch_topk=True)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    acts, indices = sae.encode(x)
+    dense = dense_code(acts, indices, 24)  # [2, 5, 24]
+    pre = naive_pre_acts(sae, x.reshape(10, 6))
+    threshold = pre.flatten().sort(descending=True).values[3 * 10 - 1]
+    torch.testing.assert_close(dense.reshape(10, 24), torch.where(pre >= threshold, pre, 0.0))
+    assert int((dense > 0).sum()) == 30
+
+
+def test_sample_topk_keeps_k_per_sample():
+    sae = make_sae(sample_topk=True)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    dense = dense_code(*sae.encode(x), 24)  # [3, 4, 24]
+    for sample in range(3):
+        pre = naive_pre_acts(sae, x[sample])
+        threshold = pre.flatten().sort(descending=True).values[2]
+        torch.testing.assert_close(dense[sample], torch.where(pre >= threshold, pre, 0.0))
+    with pytest.raises(ValueError, match="sample_topk needs inputs shaped"):
+        sae.encode(x[0, 0])
+
+
+def test_fvu_and_multi_topk_against_float64_reference():
+    sae = make_sae(multi_topk=True, k=2)
+    x = torch.randn(12, 6, dtype=torch.float64)
+    out = sae(x)
+    pre = naive_pre_acts(sae, x)
+    variance = ((x - x.mean(0)) ** 2).sum()
+    for k, value in ((2, out.fvu), (8, out.multi_topk_fvu)):
+        top = pre.topk(k).values[:, -1:]
+        reconstruction = torch.where(pre >= top, pre, 0.0) @ sae.W_dec.detach() + sae.b_dec.detach()
+        assert value.item() == pytest.approx((((reconstruction - x) ** 2).sum() / variance).item(), rel=1e-10)
+
+
+def test_auxk_matches_spec_and_only_trains_dead_latents():
+    sae = make_sae(d=8, latents=32, k=2)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 5, 9, 20, 31]] = True  # 5 dead latents, d/2 = 4: k_aux = 4, scale = 1
+    out = sae(x, dead_mask=dead)
+
+    pre = naive_pre_acts(sae, x)
+    x_hat = out.sae_out.detach()
+    variance = ((x - x.mean(0)) ** 2).sum()
+    loss = 0.0
+    for token in range(7):
+        dead_values = pre[token].masked_fill(~dead, float("-inf"))
+        top = dead_values.topk(4)
+        prediction = sum(v * sae.W_dec.detach()[i] for v, i in zip(top.values, top.indices))  # no b_dec
+        loss += ((prediction - (x[token] - x_hat[token])) ** 2).sum()
+    assert out.auxk_loss.item() == pytest.approx((loss / variance).item(), rel=1e-10)
+
+    out.auxk_loss.backward()
+    trained_rows = sae.W_dec.grad.abs().sum(1) > 0
+    assert trained_rows.any() and not (trained_rows & ~dead).any()  # the residual is a constant
+
+
+def test_auxk_scale_with_few_dead_latents():
+    sae = make_sae(d=8, latents=32, k=2)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    one_dead = torch.zeros(32, dtype=torch.bool)
+    one_dead[3] = True
+    pre = naive_pre_acts(sae, x)
+    variance = ((x - x.mean(0)) ** 2).sum()
+    out = sae(x, dead_mask=one_dead)
+    prediction = pre[:, 3:4] * sae.W_dec.detach()[3]
+    expected = 0.25 * ((prediction - (x - out.sae_out.detach())) ** 2).sum() / variance  # scale = 1 / (d/2)
+    assert out.auxk_loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert sae(x, dead_mask=torch.zeros(32, dtype=torch.bool)).auxk_loss.item() == 0.0
+
+
+def test_decoder_rows_stay_unit_norm_and_gradient_loses_its_parallel_part():
+    sae = make_sae()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(24, dtype=torch.float64))
+    sae(torch.randn(9, 6, dtype=torch.float64)).fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert parallel.abs().max() < 1e-12 and sae.W_dec.grad.abs().max() > 0
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(24, dtype=torch.float64))
+
+
+def test_geometric_median_is_a_stationary_point_of_the_distance_sum():
+    torch.manual_seed(1)
+    points = torch.randn(200, 5, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4, 5], dtype=torch.float64)
+    points[:20] += 50.0  # outliers pull the mean away, not the median
+    median = geometric_median(points, max_iter=1000, tol=1e-12)
+    unit_vectors = (points - median) / (points - median).norm(dim=1, keepdim=True)
+    assert unit_vectors.sum(0).norm() < 1e-6 * len(points)
+    distance = lambda p: (points - p).norm(dim=1).sum()  # noqa: E731
+    assert distance(median) < distance(points.mean(0))
+
+
+def test_init_rejects_unsupported_options():
+    with pytest.raises(ValueError, match="input_unit_norm"):
+        SparseAutoencoder(4, SaeConfig(input_unit_norm=True))
+    with pytest.raises(ValueError, match="exclusive"):
+        SparseAutoencoder(4, SaeConfig(batch_topk=True, sample_topk=True))
