@@ -1,1 +1,5 @@
-"""Lightning callbacks: what a run writes (shards, statistics, images, checkpoints) is decided here."""
+"""Lightning callbacks: what a run writes (shards, statistics, images, SAE exports) is decided here."""
+
+from callbacks.sae_export import SaeExport
+
+__all__ = ["SaeExport"]

@@ -128,7 +128,7 @@ def check_concept_latents(
         isinstance(name, str) and isinstance(latent, int) and not isinstance(latent, bool)
         for name, latent in mapping.items()
     ):
-        raise ValueError(f"{source} must map concept names to integer latent indices, e.g. {{\"Bears\": 17}}.")
+        raise ValueError(f'{source} must map concept names to integer latent indices, e.g. {{"Bears": 17}}.')
     if vocabulary is not None:
         missing = [name for name in vocabulary.concepts if name not in mapping]
         unknown = [name for name in mapping if name not in vocabulary.concepts]

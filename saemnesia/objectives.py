@@ -49,7 +49,7 @@ class UnsupervisedLoss:
 
 class SupervisedTerms(NamedTuple):
     loss: Tensor
-    """`rec_weight·reconstruction + concept_weight·(bce + decorrelation_weight·decorrelation) + sparsity_weight·sparsity`."""
+    """`λ_rec·reconstruction + λ_ce·(bce + decorrelation_weight·decorrelation) + λ_sp·sparsity`, a scalar."""
     reconstruction: Tensor
     """Plain MSE `mean((x̂ − x)²)` over all elements."""
     bce: Tensor

@@ -83,7 +83,8 @@ def test_post_relu_logits_cannot_go_below_zero_but_pre_relu_can():
     with torch.no_grad():
         sae.encoder.bias[3] = -50.0  # latent 3 never fires
     x = torch.randn(2, 3, 5, dtype=torch.float64)
-    args = (sae, x, torch.tensor([0, 0]), torch.tensor([NO_STYLE, NO_STYLE]), torch.tensor([3]), torch.tensor([], dtype=torch.long))
+    no_styles = torch.tensor([], dtype=torch.long)
+    args = (sae, x, torch.tensor([0, 0]), torch.tensor([NO_STYLE, NO_STYLE]), torch.tensor([3]), no_styles)
     assert SupervisedLoss(concept_logits="post_relu")(*args).concept_logits.min() == 0.0
     assert SupervisedLoss(concept_logits="pre_relu")(*args).concept_logits.max() < -40.0
     assert SupervisedLoss()(*args).decorrelation.item() == 0.0  # no styles: nothing to decorrelate

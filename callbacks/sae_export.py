@@ -1,0 +1,55 @@
+"""`SaeExport`: keeps an SAE folder that downstream steps read, next to Lightning's checkpoints.
+
+Lightning checkpoints hold the whole training state; the rest of the workflow (statistics, erasure) and the
+published code read the SAE folder format of SPEC §7 instead: `<dirpath>/<hookpoint>/cfg.json`,
+`sae.safetensors` and, after supervised training, `concept_latents.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from saemnesia.concepts import save_concept_latents
+from saemnesia.sae import SparseAutoencoder
+from saemnesia.training import SAEModule
+
+CONCEPT_LATENTS_FILE = "concept_latents.json"
+
+
+class SaeExport(pl.Callback):
+    """Export the SAE whenever a checkpoint is saved, and the best checkpoint's SAE when fitting ends."""
+
+    def __init__(self, dirpath: str):
+        """
+        Args:
+            dirpath: Parent folder of the export; the SAE goes to `dirpath/<hookpoint>/` (a parent folder plus
+                hookpoint name, as `SparseAutoencoder.load(dirpath, hookpoint)` reads it).
+        """
+        self.dirpath = Path(dirpath)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: SAEModule, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module.sae, pl_module.hparams.hookpoint, pl_module.concept_latents)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: SAEModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        sae, concept_latents = pl_module.sae, pl_module.concept_latents
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best:  # with a monitored metric (early stopping), the best weights are the product, not the last ones
+            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            sae = SparseAutoencoder(sae.d_in, sae.cfg)
+            sae.load_state_dict({name.removeprefix("sae."): tensor for name, tensor in checkpoint["state_dict"].items()
+                                 if name.startswith("sae.")})
+            concept_latents = checkpoint.get("concept_latents")
+        self.export(sae, pl_module.hparams.hookpoint, concept_latents)
+
+    def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> Path:
+        folder = self.dirpath / hookpoint
+        sae.save(folder)
+        if concept_latents is not None:
+            save_concept_latents(folder / CONCEPT_LATENTS_FILE, concept_latents)
+        return folder

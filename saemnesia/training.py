@@ -1,0 +1,267 @@
+"""`SAEModule`: the LightningModule of `fit` — unsupervised pre-training or supervised concept binding.
+
+Lightning owns the loop, DDP, precision, clipping, checkpoints and logging; this module owns the SAE, the
+objective, the dead-latent counters and the concept → latent assignment, all of which are restored exactly by
+`--ckpt_path` (buffers and checkpoint entries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from saemnesia.concepts import NO_STYLE, ConceptVocabulary, assign_latents, check_concept_latents, load_concept_latents
+from saemnesia.objectives import SupervisedLoss, SupervisedTerms, UnsupervisedLoss, UnsupervisedTerms
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.stats import ConceptStats
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over DDP ranks (the identity on one process)."""
+
+# The hyper-parameters stored in Lightning checkpoints include these plain dataclasses; allow them through
+# `torch.load(weights_only=True)`, which resuming uses.
+torch.serialization.add_safe_globals([ConceptVocabulary, SaeConfig, UnsupervisedLoss, SupervisedLoss])
+
+
+class DeadLatentTracker(nn.Module):
+    """Tokens seen since each latent last fired, summed over DDP ranks (SPEC §2.1).
+
+    A latent is alive if it fired on *any* rank: the per-rank "fired" counts and token counts are summed across
+    ranks before the counters move, so every rank holds the same counters.
+    """
+
+    def __init__(self, num_latents: int, threshold: int):
+        super().__init__()
+        self.threshold = threshold
+        self.register_buffer("tokens_since_fired", torch.zeros(num_latents, dtype=torch.long))
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.threshold
+
+    @torch.no_grad()
+    def update(self, latent_indices: Tensor, latent_acts: Tensor, reduce: Reduce | None = None) -> None:
+        """Record one step's codes `[N, K]`; `reduce(tensor)` sums a tensor over ranks (identity when None)."""
+        fired = torch.zeros_like(self.tokens_since_fired)
+        fired.index_add_(0, latent_indices.flatten(), (latent_acts.flatten() > 0).long())  # [L] firing counts
+        tokens = torch.tensor([latent_indices.shape[0]], device=fired.device)
+        if reduce is not None:
+            fired, tokens = reduce(fired), reduce(tokens)
+        self.tokens_since_fired += tokens
+        self.tokens_since_fired[fired > 0] = 0
+
+
+class SAEModule(pl.LightningModule):
+    """Trains a `SparseAutoencoder` on activation batches of an `ActivationDataModule`."""
+
+    def __init__(
+        self,
+        d_in: int,
+        hookpoint: str,
+        vocabulary: ConceptVocabulary | None = None,
+        objective: Literal["unsupervised", "supervised"] = "unsupervised",
+        sae: SaeConfig | None = None,
+        init_from: str | None = None,
+        unsupervised: UnsupervisedLoss | None = None,
+        supervised: SupervisedLoss | None = None,
+        concept_latents: dict[str, int] | str | None = None,
+        assignment_batches: int = 32,
+        lr: float = 4e-4,
+        lr_schedule: Literal["constant", "linear_decay", "cosine"] = "linear_decay",
+        warmup_steps: int = 0,
+        dead_feature_threshold: int = 10_000_000,
+    ):
+        """
+        Args:
+            d_in: Activation width; linked from the data manifest (`data.d_in`).
+            hookpoint: Block the activations come from; linked from the manifest, names the exported SAE folder.
+            vocabulary: Concepts of the data; linked from the manifest. Needed by the supervised objective.
+            objective: `unsupervised` (FVU + AuxK, SPEC §2.1) or `supervised` (concept binding, SPEC §2.2).
+            sae: Architecture of a fresh SAE (ignored with `init_from`). Default: expansion 16, k 32.
+            init_from: SAE checkpoint folder to start from (fine-tuning, as published); `None` = fresh init.
+            unsupervised: Weights of the unsupervised loss.
+            supervised: Weights of the supervised loss.
+            concept_latents: Explicit `{concept: latent}` or a `concept_latents.json` path; `None` = assign
+                greedily from importance scores of the starting SAE on `assignment_batches` training batches.
+            assignment_batches: Batches per process used to estimate the importance scores for the assignment.
+            lr: Adam learning rate. Published: 4e-4 (unsupervised), 5e-6 (supervised).
+            lr_schedule: `linear_decay` to 0 over `trainer.max_steps` (published unsupervised), `constant`
+                (published supervised) or `cosine` to 0.
+            warmup_steps: Linear warm-up steps before the schedule (published: none).
+            dead_feature_threshold: Tokens without firing after which a latent counts as dead. Published: 10M.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if init_from is not None:
+            nested = (Path(init_from) / hookpoint).is_dir()  # a parent folder of per-hookpoint SAEs
+            self.sae = SparseAutoencoder.load(init_from, hookpoint if nested else None)
+            if self.sae.d_in != d_in:
+                raise ValueError(f"model.init_from {init_from} is an SAE for d_in={self.sae.d_in} but the "
+                                 f"activation data has d_in={d_in}.")
+        else:
+            self.sae = SparseAutoencoder(d_in, sae or SaeConfig())
+        self.objective = objective
+        self.unsupervised_loss = unsupervised or UnsupervisedLoss()
+        self.supervised_loss = supervised or SupervisedLoss()
+        self.dead_latents = DeadLatentTracker(self.sae.num_latents, dead_feature_threshold)
+        self.vocabulary = vocabulary
+        self.concept_latents: dict[str, int] | None = None
+        if objective == "supervised":
+            if vocabulary is None:
+                raise ValueError("model.objective=supervised needs the concept vocabulary (link data.vocabulary).")
+            if isinstance(concept_latents, str):
+                self.concept_latents = load_concept_latents(concept_latents, vocabulary, self.sae.num_latents)
+            elif concept_latents is not None:
+                check_concept_latents(concept_latents, "model.concept_latents", vocabulary, self.sae.num_latents)
+                self.concept_latents = dict(concept_latents)
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.objective == "supervised" and self.concept_latents is None:
+            self.concept_latents = estimate_concept_latents(
+                self.sae, self.trainer.datamodule.train_dataloader(), self.vocabulary,
+                num_steps=self.trainer.datamodule.num_steps, num_batches=self.hparams.assignment_batches,
+                reduce=self._sum_over_ranks)
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        fresh = self.hparams.init_from is None and self.global_step == 0 and batch_idx == 0
+        if fresh and self.objective == "unsupervised":
+            # Every rank must start from the same b_dec: rank 0's median is broadcast (SPEC §2.1 init).
+            self.sae.init_b_dec_to_geometric_median(batch["act"])
+            self.sae.b_dec.data.copy_(self.trainer.strategy.broadcast(self.sae.b_dec.data, src=0))
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        terms = self._loss(batch, dead_mask=self.dead_latents.dead_mask)
+        self.dead_latents.update(terms.latent_indices, terms.latent_acts, reduce=self._sum_over_ranks)
+        self._log_terms("train", terms, batch, on_step=True)
+        self.log("train/dead_fraction", self.dead_latents.dead_mask.float().mean())
+        return terms.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_terms("val", self._loss(batch, dead_mask=None), batch, on_step=False)
+
+    def _loss(self, batch: dict[str, Tensor], dead_mask: Tensor | None) -> UnsupervisedTerms | SupervisedTerms:
+        if self.objective == "unsupervised":
+            return self.unsupervised_loss(self.sae, batch["act"], dead_mask)
+        object_latents, style_latents = self._assigned_latents()
+        return self.supervised_loss(self.sae, batch["act"], batch["object"], batch["style"],
+                                    object_latents, style_latents)
+
+    def _assigned_latents(self) -> tuple[Tensor, Tensor]:
+        latents = self.concept_latents
+        objects = torch.tensor([latents[name] for name in self.vocabulary.objects], device=self.device)
+        styles = torch.tensor([latents[name] for name in self.vocabulary.styles], device=self.device, dtype=torch.long)
+        return objects, styles
+
+    def _log_terms(self, stage: str, terms: UnsupervisedTerms | SupervisedTerms, batch: dict[str, Tensor],
+                   on_step: bool) -> None:
+        """Every loss term, L0 and (supervised) the concept hit rates; epoch means synced over ranks."""
+        options = dict(on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=1)
+        for name, value in terms._asdict().items():
+            if value.ndim == 0:
+                self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "loss", **options)
+        self.log(f"{stage}/l0", (terms.latent_acts > 0).sum(-1).float().mean(), **options)
+        if self.objective == "supervised":
+            num_objects = len(self.vocabulary.objects)
+            hits = concept_hit_rates(terms.concept_logits.detach(), batch["object"], batch["style"], num_objects)
+            for name, value in hits.items():
+                self.log(f"{stage}/{name}", value, **options)
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr)
+        total, warmup, schedule = self.trainer.max_steps, self.hparams.warmup_steps, self.hparams.lr_schedule
+        if schedule != "constant" and total <= 0:
+            raise ValueError(f"model.lr_schedule={schedule} needs trainer.max_steps > 0 (training runs on step "
+                             "counts).")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if schedule == "linear_decay":
+                return 1.0 - progress
+            if schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._renormalises_decoder:
+            self.sae.remove_gradient_parallel_to_decoder_directions()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._renormalises_decoder:
+            self.sae.set_decoder_norm_to_unit_norm()
+
+    @property
+    def _renormalises_decoder(self) -> bool:
+        # Fine-tuning leaves the decoder free (SPEC §2.2); pre-training keeps unit rows if the config asks.
+        return self.objective == "unsupervised" and self.sae.cfg.normalize_decoder
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["concept_latents"] = self.concept_latents
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.concept_latents = checkpoint.get("concept_latents")
+
+
+def concept_hit_rates(logits: Tensor, objects: Tensor, styles: Tensor, num_objects: int) -> dict[str, Tensor]:
+    """Fraction of samples whose object latent has the largest pooled logit among the object latents; the same
+    for styles over the styled samples."""
+    rates = {"object_hit_rate": (logits[:, :num_objects].argmax(1) == objects).float().mean()}
+    styled = styles != NO_STYLE
+    if logits.shape[1] > num_objects and styled.any():
+        rates["style_hit_rate"] = (logits[styled, num_objects:].argmax(1) == styles[styled]).float().mean()
+    return rates
+
+
+@torch.no_grad()
+def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str, Tensor]],
+                             vocabulary: ConceptVocabulary, num_steps: int, num_batches: int,
+                             reduce: Reduce | None = None) -> dict[str, int]:
+    """SPEC §2.2 steps 1-3 on training batches: importance of every concept per step with the starting SAE,
+    averaged over the steps every concept was seen at, then the greedy assignment.
+
+    Samples are (image, step) pairs drawn at random, so images per (concept, step) differ: each step's
+    statistics weight the concepts by that step's own counts.
+    """
+    num_objects, num_concepts = len(vocabulary.objects), len(vocabulary.concepts)
+    sums = torch.zeros(num_concepts, num_steps, sae.num_latents, dtype=torch.float64, device=sae.W_dec.device)
+    counts = torch.zeros(num_concepts, num_steps, dtype=torch.float64, device=sae.W_dec.device)
+    for index, batch in zip(range(num_batches), batches):
+        x = batch["act"].to(sae.W_dec.device)  # [B, N, d]
+        acts, indices = sae.pre_acts(x).topk(sae.cfg.k, dim=-1)  # per-token TopK, as fine-tuning uses
+        codes = torch.zeros(*x.shape[:2], sae.num_latents, device=x.device).scatter_(-1, indices, acts)
+        codes_mean = codes.mean(1).double()  # [B, L]: token-averaged code per sample
+        steps = batch["step"].to(x.device)
+        styled = batch["style"].to(x.device) != NO_STYLE
+        for concept, rows in ((batch["object"].to(x.device), slice(None)),
+                              (num_objects + batch["style"].to(x.device)[styled], styled)):
+            sums.index_put_((concept, steps[rows]), codes_mean[rows], accumulate=True)
+            counts.index_put_((concept, steps[rows]), torch.ones_like(concept, dtype=counts.dtype), accumulate=True)
+    if reduce is not None:
+        sums, counts = reduce(sums), reduce(counts)
+    seen = (counts > 0).all(0)  # steps at which every concept has samples
+    if not seen.any():
+        raise ValueError(f"The {num_batches} assignment batches (model.assignment_batches) do not show every concept "
+                         f"of {vocabulary.concepts} at one step; raise it or give model.concept_latents.")
+    scores = torch.stack([
+        ConceptStats(vocabulary.concepts, (sums[:, t] / counts[:, t, None])[:, None], counts[:, t].long())
+        .importance_all()[:, 0] for t in seen.nonzero().flatten().tolist()
+    ]).mean(0)  # ā_c: [C, L]
+    return assign_latents(scores, vocabulary)

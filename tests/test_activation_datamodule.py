@@ -1,0 +1,260 @@
+"""ActivationDataModule: exact round trip, split by shard, fixed epoch length, per-epoch/per-rank streams, errors."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import SyntheticSample, write_synthetic_shards
+
+from datamodules.activations import ActivationDataModule
+from saemnesia.concepts import NO_STYLE, ConceptVocabulary
+from saemnesia.shards import ShardManifest, shard_keys
+
+D, N = 8, 4
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, SyntheticSample]]:
+    """Two writer ranks, 16 prompts × 3 steps = 48 samples in 6 shards of 6–9 samples."""
+    folder = tmp_path_factory.mktemp("shards")
+    return folder, write_synthetic_shards(folder, num_prompts=16, num_steps=3, ranks=2, samples_per_shard=7)
+
+
+def attach_trainer(data: ActivationDataModule, epoch: int = 0, rank: int = 0, world: int = 1, reload: int = 1) -> None:
+    """Stand-in for the Trainer attributes the datamodule reads (what Lightning sets under DDP)."""
+    data.trainer = SimpleNamespace(current_epoch=epoch, global_rank=rank, world_size=world,
+                                   reload_dataloaders_every_n_epochs=reload)
+
+
+def keys_of(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def check_against_written(batch: dict, samples: dict[str, SyntheticSample], data: ActivationDataModule) -> None:
+    """Every sample of a map-level batch equals what the helper wrote (activations exact, labels as indices)."""
+    assert batch["act"].dtype == torch.float32 and batch["act"].shape == (len(batch["key"]), N, D)
+    for i, key in enumerate(batch["key"]):
+        written = samples[key]
+        np.testing.assert_array_equal(batch["act"][i].numpy(), written.act.astype(np.float32))
+        assert batch["object"][i] == data.vocabulary.objects.index(written.meta["object"])
+        style = written.meta["style"]
+        assert batch["style"][i] == (NO_STYLE if style is None else data.vocabulary.styles.index(style))
+        assert batch["step"][i] == written.meta["step"]
+
+
+def test_properties_and_round_trip(shard_folder) -> None:
+    folder, samples = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=5, steps_per_epoch=4, val_shards=4)
+    assert (data.d_in, data.tokens_per_sample, data.num_steps, data.hookpoint) == (D, N, 3, "unet.mid_block")
+    assert data.vocabulary == ShardManifest.load(folder).concepts
+    val_keys = {key for url in data.val_urls for key in shard_keys(url)}
+    val_batches = list(data.val_dataloader())
+    assert sorted(keys_of(val_batches)) == sorted(val_keys)
+    assert any(batch["style"].eq(NO_STYLE).any() for batch in val_batches)
+    train_keys = {key for url in data.train_urls for key in shard_keys(url)}
+    train_batches = list(data.train_dataloader())
+    assert set(keys_of(train_batches)) <= train_keys
+    for batch in val_batches + train_batches:
+        assert batch["object"].dtype == batch["style"].dtype == batch["step"].dtype == torch.int64
+        check_against_written(batch, samples, data)
+
+
+def test_split_is_by_shard_disjoint_and_deterministic(shard_folder) -> None:
+    folder, _ = shard_folder
+    data = ActivationDataModule(str(folder), val_fraction=0.34)
+    all_urls = sorted(str(folder / record.name) for record in ShardManifest.load(folder).shards)
+    assert len(data.val_urls) == 2 and not set(data.val_urls) & set(data.train_urls)
+    assert sorted(data.val_urls + data.train_urls) == all_urls
+    again = ActivationDataModule(str(folder), val_fraction=0.34, seed=7)
+    assert (again.train_urls, again.val_urls) == (data.train_urls, data.val_urls)
+    assert ActivationDataModule(str(folder), val_fraction=0.0).val_dataloader() == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exactly_steps_per_epoch_batches(shard_folder, num_workers: int) -> None:
+    folder, _ = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=7, num_workers=num_workers)
+    batches = list(data.train_dataloader())
+    assert len(batches) == 7 and all(len(batch["key"]) == 4 for batch in batches)
+
+
+def test_stream_is_a_function_of_seed_epoch_and_rank(shard_folder) -> None:
+    folder, _ = shard_folder
+
+    def stream(seed: int = 0, epoch: int = 0, rank: int = 0) -> list[str]:
+        data = ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=6, seed=seed)
+        attach_trainer(data, epoch=epoch, rank=rank, world=2)
+        return keys_of(data.train_dataloader())
+
+    assert stream(epoch=1) == stream(epoch=1)
+    assert stream(epoch=1) != stream(epoch=2)
+    assert stream(seed=1) != stream(seed=2)
+    assert stream(rank=0) != stream(rank=1)
+    without_trainer = ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=6)
+    loader = without_trainer.train_dataloader()
+    assert keys_of(loader) == keys_of(loader) == stream(epoch=0, rank=0)  # re-iterating repeats the epoch
+
+
+def test_workers_draw_different_streams(shard_folder) -> None:
+    folder, _ = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=2, num_workers=2)
+    keys = keys_of(data.train_dataloader())  # batch 0 from worker 0, batch 1 from worker 1
+    assert keys[:4] != keys[4:]
+    assert keys_of(data.train_dataloader()) == keys
+
+
+def test_validation_shards_partition_across_ranks_and_workers(shard_folder) -> None:
+    folder, _ = shard_folder
+    single = ActivationDataModule(str(folder), batch_size=4, val_shards=3)
+    everything = keys_of(single.val_dataloader())
+    per_rank = []
+    for rank in range(2):
+        data = ActivationDataModule(str(folder), batch_size=4, val_shards=3, num_workers=2)
+        attach_trainer(data, rank=rank, world=2)
+        per_rank.append(keys_of(data.val_dataloader()))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(everything) and len(set(everything)) == len(everything)
+    assert keys_of(single.val_dataloader()) == everything  # deterministic: no shuffling, no resampling
+    limited = ActivationDataModule(str(folder), batch_size=4, val_shards=3, val_batches=2)
+    assert len(list(limited.val_dataloader())) == 2
+
+
+def test_token_level_batches_hold_exactly_the_stored_tokens(shard_folder) -> None:
+    folder, samples = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=10, token_level=True, val_shards=2, steps_per_epoch=3,
+                                shuffle_buffer=50)
+    train = list(data.train_dataloader())
+    assert len(train) == 3 and all(set(b) == {"act"} and b["act"].shape == (10, D) for b in train)
+    assert all(b["act"].dtype == torch.float32 for b in train)
+    val_rows = torch.cat([batch["act"] for batch in data.val_dataloader()])  # [tokens, d]
+    val_keys = [key for url in data.val_urls for key in shard_keys(url)]
+    expected = np.concatenate([samples[key].act for key in val_keys]).astype(np.float32)  # [tokens, d]
+    assert Counter(map(tuple, val_rows.tolist())) == Counter(map(tuple, expected.tolist()))
+
+
+def test_steps_subset(shard_folder) -> None:
+    folder, samples = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=4, val_shards=3, steps=[0, 2])
+    kept = keys_of(data.val_dataloader())
+    all_val = [key for url in data.val_urls for key in shard_keys(url)]
+    assert sorted(kept) == sorted(key for key in all_val if samples[key].meta["step"] in (0, 2))
+    with pytest.raises(ValueError, match=r"data.steps must lie in 0..2"):
+        ActivationDataModule(str(folder), steps=[3])
+
+
+def test_brace_pattern_and_pipe_urls_read_the_same_data(shard_folder) -> None:
+    folder, _ = shard_folder
+    reference = ActivationDataModule(str(folder), batch_size=4, val_shards=2)
+    expected = keys_of(reference.val_dataloader())
+    manifest = str(folder / "manifest.json")
+    names = [record.name for record in ShardManifest.load(folder).shards]
+    pattern = f"{folder}/shard-r{{0..1}}-{{000000..000002}}.tar"
+    assert len(names) == 6
+    pipes = [f"pipe:cat {folder / name}" for name in names]
+    for shards in (pattern, "::".join(pipes), pipes):
+        data = ActivationDataModule(shards, manifest=manifest, batch_size=4, val_shards=2)
+        assert keys_of(data.val_dataloader()) == expected
+
+
+def test_trainer_without_reloading_dataloaders_gets_a_warning(shard_folder) -> None:
+    folder, _ = shard_folder
+    data = ActivationDataModule(str(folder))
+    attach_trainer(data, reload=0)
+    with pytest.warns(UserWarning, match="reload_dataloaders_every_n_epochs=1"):
+        data.train_dataloader()
+
+
+class RecordKeys(pl.LightningModule):
+    """Records the keys of each training batch per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(D, 1)
+        self.seen: dict[int, list[str]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).extend(batch["key"])
+        return self.layer(batch["act"]).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`")
+def test_lightning_fit_reads_the_epoch_from_the_trainer(shard_folder) -> None:
+    folder, _ = shard_folder
+    model = RecordKeys()
+    trainer = pl.Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=3, val_fraction=0.0))
+    for epoch in range(2):
+        data = ActivationDataModule(str(folder), batch_size=4, steps_per_epoch=3, val_fraction=0.0)
+        attach_trainer(data, epoch=epoch)
+        assert model.seen[epoch] == keys_of(data.train_dataloader())
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_input_errors_are_one_sentence(shard_folder, tmp_path: Path) -> None:
+    folder, _ = shard_folder
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        ActivationDataModule(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        ActivationDataModule(str(tmp_path / "empty"))
+    broken = copy_folder(folder, tmp_path / "broken")
+    (broken / "shard-r1-000000.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="lists shard shard-r1-000000.tar, but .* is missing"):
+        ActivationDataModule(str(broken))
+    empty_manifest = tmp_path / "no-shards"
+    replace(ShardManifest.load(folder), shards=[]).save(empty_manifest)
+    with pytest.raises(ValueError, match="lists no shards"):
+        ActivationDataModule(str(empty_manifest))
+    with pytest.raises(ValueError, match="data.val_batches must be a positive integer, got 0"):
+        ActivationDataModule(str(folder), val_batches=0)
+    with pytest.raises(ValueError, match="data.manifest is required"):
+        ActivationDataModule(f"{folder}/shard-r0-{{000000..000002}}.tar")
+    with pytest.raises(ValueError, match="must leave at least one of the 6 shards"):
+        ActivationDataModule(str(folder), val_shards=6)
+    data = ActivationDataModule(str(folder), val_shards=1)
+    attach_trainer(data, world=2)
+    with pytest.raises(ValueError, match="1 validation shards cannot give each of the 2 processes one"):
+        data.val_dataloader()
+
+
+def test_labels_outside_the_vocabulary_name_the_shard(shard_folder, tmp_path: Path) -> None:
+    folder, _ = shard_folder
+    narrowed = copy_folder(folder, tmp_path / "narrowed")
+    manifest = ShardManifest.load(narrowed)
+    manifest.concepts = ConceptVocabulary(objects=("Bears", "Cats"), styles=manifest.concepts.styles)
+    manifest.save(narrowed)
+    data = ActivationDataModule(str(narrowed), val_shards=5)
+    with pytest.raises(ValueError, match=r"Shard .*shard-r0-\d+.tar sample \d+_\d+: Unknown object 'Dogs'"):
+        list(data.val_dataloader())
+
+
+@pytest.mark.parametrize(("keep_bytes", "message"), [
+    (1500, r"could not be read \(ReadError\); it is truncated or corrupt"),  # cut inside a tar header
+    (4 * 512 * 4, r"holds 2 samples but the manifest lists \d+"),  # cut exactly after the second sample
+])
+def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, keep_bytes: int, message: str) -> None:
+    """Damaged shards stop the run (the documented choice), however the file was cut."""
+    folder, _ = shard_folder
+    damaged = copy_folder(folder, tmp_path / "damaged")
+    shard = damaged / "shard-r0-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:keep_bytes])
+    data = ActivationDataModule(str(damaged), val_fraction=0.0)
+    data.train_urls = [str(shard)]  # read only the damaged shard
+    with pytest.raises(ValueError, match=f"Shard {shard} {message}"):
+        list(data.train_dataloader())

@@ -1,0 +1,96 @@
+"""`fit` through the CLI entry point: both toy configs, 2-process CPU DDP, and exact resumption."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_synthetic_shards
+from safetensors.torch import load_file
+
+from cli import main
+from saemnesia.concepts import load_concept_latents
+from saemnesia.sae import SparseAutoencoder
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKPOINT = "unet.mid_block"  # the synthetic shards' hookpoint
+SMALL = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def toy_run(tmp_path, monkeypatch):
+    """A working directory holding synthetic activations where the toy configs expect them."""
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_shards(tmp_path / "runs/toy/activations", num_prompts=24, num_steps=2, d_in=8,
+                           samples_per_shard=8, hookpoint=HOOKPOINT)
+    return tmp_path
+
+
+def run_cli(*args: str) -> None:
+    main(["fit", *args, *SMALL])
+
+
+def test_toy_configs_fit_and_export_through_the_cli(toy_run):
+    run_cli("-c", str(REPO / "configs/toy/sae.yaml"), "--trainer.fast_dev_run=2")
+    unsupervised = SparseAutoencoder.load(toy_run / "runs/toy/sae", HOOKPOINT)
+    assert unsupervised.d_in == 8 and unsupervised.num_latents == 8 * 16  # d_in linked from the manifest
+
+    run_cli("-c", str(REPO / "configs/toy/sae_supervised.yaml"), "--trainer.fast_dev_run=2",
+            "--model.init_args.assignment_batches=4")
+    folder = toy_run / "runs/toy/sae_supervised" / HOOKPOINT
+    latents = load_concept_latents(folder / "concept_latents.json")
+    assert set(latents) == {"Bears", "Cats", "Dogs", "Cubism", "Monet"} and len(set(latents.values())) == 5
+    supervised = SparseAutoencoder.load(folder)
+    assert not torch.equal(supervised.W_dec, unsupervised.W_dec)  # fine-tuning started from, and moved, the SAE
+
+
+def test_print_config_shows_the_linked_recipe(toy_run, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "configs/sd15_unlearncanvas/sae_supervised.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "objective: supervised" in printed and "lr: 5.0e-06" in printed
+    assert "reload_dataloaders_every_n_epochs: 1" in printed
+
+
+def cli_subprocess(workdir: Path, data: Path, *args: str) -> None:
+    """`cli.py fit` of the toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`."""
+    (workdir / "runs/toy").mkdir(parents=True, exist_ok=True)
+    if not (workdir / "runs/toy/activations").exists():
+        (workdir / "runs/toy/activations").symlink_to(data)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "-c", str(REPO / "configs/toy/sae.yaml"),
+                             *SMALL, "--trainer.max_steps=6", "--data.init_args.steps_per_epoch=3",
+                             "--data.init_args.batch_size=64", "--trainer.limit_val_batches=0",
+                             "--trainer.callbacks+=cli_probes.DumpRankState", "--trainer.callbacks.dirpath=final",
+                             *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_ddp_fit_keeps_ranks_identical(toy_run):
+    data = toy_run / "runs/toy/activations"
+    cli_subprocess(toy_run / "ddp", data, "--trainer.devices=2", "--trainer.strategy=ddp")
+    rank0, rank1 = (load_file(str(toy_run / f"ddp/final/rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # Counters move by the tokens of both ranks (6 steps × 64 tokens × 2 ranks at most).
+    assert 6 * 64 < rank0["dead_latents.tokens_since_fired"].max() <= 6 * 64 * 2
+    single = SparseAutoencoder.load(toy_run / "ddp/runs/toy/sae", HOOKPOINT)
+    torch.testing.assert_close(single.W_dec, rank0["sae.W_dec"])  # rank 0 exported what the ranks share
+
+
+def test_resumed_training_equals_uninterrupted_training(toy_run):
+    data = toy_run / "runs/toy/activations"
+    cli_subprocess(toy_run / "straight", data)
+    # Interrupted after the first epoch (3 steps), then resumed from the last checkpoint with the same command.
+    cli_subprocess(toy_run / "resumed", data, "--trainer.callbacks+=cli_probes.StopAtStep",
+                   "--trainer.callbacks.step=3")
+    last = torch.load(toy_run / "resumed/runs/toy/sae/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    cli_subprocess(toy_run / "resumed", data, "--ckpt_path=last")
+    straight = load_file(str(toy_run / "straight/final/rank0.safetensors"))
+    resumed = load_file(str(toy_run / "resumed/final/rank0.safetensors"))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)

@@ -1,0 +1,84 @@
+"""SAEModule pieces: dead-latent counters (also across 2 gloo processes), LR schedules, concept assignment."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saemnesia.concepts import NO_STYLE, ConceptVocabulary
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.training import DeadLatentTracker, concept_hit_rates, estimate_concept_latents
+
+
+def test_dead_latent_counters_count_tokens_since_last_firing():
+    tracker = DeadLatentTracker(num_latents=5, threshold=6)
+    tracker.update(torch.tensor([[0, 1], [0, 2], [0, 1]]), torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 2.0]]))
+    # 3 tokens; latents 0 and 1 fired, latent 2 was selected with value 0 (padding), 3 and 4 never seen.
+    assert tracker.tokens_since_fired.tolist() == [0, 0, 3, 3, 3]
+    tracker.update(torch.tensor([[3, 4]] * 3), torch.ones(3, 2))
+    assert tracker.tokens_since_fired.tolist() == [3, 3, 6, 0, 0]
+    assert tracker.dead_mask.tolist() == [False, False, True, False, False]
+
+
+def _two_rank_tracker(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tracker = DeadLatentTracker(num_latents=4, threshold=5)
+    # Latent 3 fires on rank 1 only; latent 2 on no rank.
+    indices = torch.tensor([[0, 1]] * 2) if rank == 0 else torch.tensor([[0, 3]] * 3)
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    tracker.update(indices, torch.ones_like(indices, dtype=torch.float), reduce=reduce)
+    results[rank] = tracker.tokens_since_fired.tolist()
+    dist.destroy_process_group()
+
+
+def test_a_latent_firing_on_one_rank_only_is_alive_on_every_rank():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_tracker, args=(29511, results), nprocs=2)
+        # 5 tokens in all: latent 1 fired on rank 0 only, latent 3 on rank 1 only; latent 2 never.
+        assert results[0] == results[1] == [0, 0, 5, 0]
+
+
+def test_concept_hit_rates_use_objects_and_styled_samples():
+    logits = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.0, 3.0, 9.0, 1.0], [4.0, 0.0, 0.0, 0.0]])  # 2 objects, 2 styles
+    rates = concept_hit_rates(logits, torch.tensor([0, 0, 0]), torch.tensor([1, 0, NO_STYLE]), num_objects=2)
+    assert rates["object_hit_rate"].item() == pytest.approx(2 / 3)
+    assert rates["style_hit_rate"].item() == pytest.approx(1.0)
+
+
+def test_assignment_finds_the_latent_each_concept_drives():
+    """Concept c's samples point along latent `planted[c]`'s encoder row, so that latent must be assigned to c."""
+    torch.manual_seed(0)
+    vocabulary = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism", "Monet"))
+    sae = SparseAutoencoder(16, SaeConfig(num_latents=32, k=4))
+    planted = {"Bears": 7, "Cats": 20, "Cubism": 3, "Monet": 11}
+    directions = torch.nn.functional.normalize(sae.encoder.weight.detach(), dim=1)
+
+    def batch(size: int) -> dict[str, torch.Tensor]:
+        objects = torch.randint(0, 2, (size,))
+        styles = torch.randint(-1, 2, (size,))
+        x = 0.1 * torch.randn(size, 6, 16)
+        x += 3.0 * directions[[planted[vocabulary.objects[o]] for o in objects]][:, None]
+        for row, style in enumerate(styles.tolist()):
+            if style != NO_STYLE:
+                x[row] += 3.0 * directions[planted[vocabulary.styles[style]]]
+        return {"act": x, "object": objects, "style": styles, "step": torch.randint(0, 2, (size,))}
+
+    assigned = estimate_concept_latents(sae, (batch(64) for _ in range(4)), vocabulary, num_steps=2, num_batches=4)
+    assert assigned == planted
+
+
+def test_assignment_needs_every_concept_at_some_step():
+    vocabulary = ConceptVocabulary(objects=("Bears", "Cats"))
+    sae = SparseAutoencoder(4, SaeConfig(num_latents=8, k=2))
+    only_bears = {"act": torch.randn(3, 2, 4), "object": torch.zeros(3, dtype=torch.long),
+                  "style": torch.full((3,), NO_STYLE), "step": torch.zeros(3, dtype=torch.long)}
+    with pytest.raises(ValueError, match="model.assignment_batches"):
+        estimate_concept_latents(sae, [only_bears], vocabulary, num_steps=1, num_batches=1)
