@@ -1,0 +1,140 @@
+"""Loading pipeline folders and the tiny offline pipeline."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from saemnesia.hooks import hook_block
+from saemnesia.pipelines import (
+    TinyPipelineConfig,
+    build_tiny_pipeline,
+    build_tiny_tokenizer,
+    load_pipeline,
+    save_tiny_pipeline,
+)
+
+PROMPTS = ["An image of Bears.", "An image of Cats in Cubism style."]
+
+
+def generate(pipe, output_type: str, **kwargs):
+    return pipe(PROMPTS, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                output_type=output_type, **kwargs).images
+
+
+def copy_with_index(source: Path, target: Path, **changes) -> Path:
+    """A copy of a pipeline folder whose model_index.json has `changes` applied."""
+    shutil.copytree(source, target)
+    index = json.loads((target / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, **changes}))
+    return target
+
+
+def test_loaded_pipeline_reproduces_the_built_one(tiny_pipeline):
+    assert isinstance(tiny_pipeline.scheduler, DDIMScheduler)
+    latents = generate(tiny_pipeline, "latent", guidance_scale=7.5)
+    assert latents.shape == (2, 4, 8, 8)  # 64 px default, VAE factor 8
+    built_latents = generate(build_tiny_pipeline(), "latent", guidance_scale=7.5)
+    torch.testing.assert_close(latents, built_latents, rtol=0, atol=0)
+    images = generate(tiny_pipeline, "pil", guidance_scale=7.5, height=64, width=96)
+    assert [image.size for image in images] == [(96, 64), (96, 64)]
+    assert len({np.asarray(image).tobytes() for image in images}) == 2  # different prompts, different images
+
+
+def test_scheduler_is_replaced_by_ddim_or_kept(tiny_pipeline_dir, tmp_path):
+    folder = copy_with_index(tiny_pipeline_dir, tmp_path / "pndm", scheduler=["diffusers", "PNDMScheduler"])
+    kept = load_pipeline(folder, scheduler="keep")
+    replaced = load_pipeline(folder, scheduler="ddim")
+    assert isinstance(kept.scheduler, PNDMScheduler)
+    assert isinstance(replaced.scheduler, DDIMScheduler)
+    torch.testing.assert_close(replaced.scheduler.betas, kept.scheduler.betas)  # same noise schedule
+    with pytest.raises(ValueError, match="scheduler 'euler' is not supported"):
+        load_pipeline(folder, scheduler="euler")
+
+
+def test_dtype_is_applied_and_checked(tiny_pipeline_dir):
+    pipe = load_pipeline(tiny_pipeline_dir, dtype="bfloat16")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype name"):
+        load_pipeline(tiny_pipeline_dir, dtype="float33")
+
+
+def test_folders_that_are_not_pipelines_fail_clearly(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pipeline(tmp_path / "missing")
+    message = f"{tmp_path} is not a diffusers pipeline folder: it has no model_index.json"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_pipeline(tmp_path)
+    flux = copy_with_index(tiny_pipeline_dir, tmp_path / "flux", _class_name="FluxPipeline")
+    with pytest.raises(ValueError, match="names pipeline class 'FluxPipeline'; expected one of"):
+        load_pipeline(flux)
+
+
+def test_tokenizer_splits_any_ascii_prompt_into_characters():
+    tokenizer = build_tiny_tokenizer()
+    prompt = "An image of " + string.ascii_letters + string.digits + string.punctuation + " in Pop Art style."
+    # Independent expectation: CLIP lower-cases, splits words/digits/punctuation runs, and with no merges
+    # every word is its characters, the last one carrying the end-of-word suffix.
+    words = re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", prompt.lower())
+    expected = [token for word in words for token in [*word[:-1], word[-1] + "</w>"]]
+    ids = tokenizer(prompt).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", *expected, "<|endoftext|>"]
+    assert tokenizer.model_max_length == 77
+
+
+def test_tiny_pipeline_is_seeded(tiny_pipeline):
+    again = build_tiny_pipeline()
+    other = build_tiny_pipeline(TinyPipelineConfig(seed=1))
+    for name, weight in tiny_pipeline.unet.state_dict().items():
+        assert torch.equal(weight, again.unet.state_dict()[name])
+    assert not torch.equal(tiny_pipeline.text_encoder.get_input_embeddings().weight,
+                           other.text_encoder.get_input_embeddings().weight)
+
+
+def test_tiny_config_and_save_refuse_bad_input(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="needs at least 3 levels"):
+        TinyPipelineConfig(block_out_channels=(32, 64))
+    with pytest.raises(ValueError, match="channel count 12 is not divisible by norm_num_groups=8"):
+        TinyPipelineConfig(vae_block_out_channels=(8, 12))
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        save_tiny_pipeline(tiny_pipeline_dir)
+
+
+def save_tiny_sdxl(folder: Path) -> Path:
+    """An SDXL pipeline reusing the tiny SD parts: a second (projecting) text encoder and a UNet
+    conditioned on both encoders (64 + 64 = 128) plus SDXL's size/crop "text_time" embedding."""
+    base = build_tiny_pipeline()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**base.text_encoder.config.to_dict(),
+                                                                   "projection_dim": 64}))
+    StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer, unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True),
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_folder_loads_with_ddim_and_its_unet_calls_map_to_steps(tmp_path):
+    pipe = load_pipeline(save_tiny_sdxl(tmp_path / "tiny-sdxl"))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    steps: list[int] = []
+    with hook_block(pipe, "unet.up_blocks.1.attentions.1", lambda hidden, context: steps.append(context.step)):
+        latents = generate(pipe, "latent", guidance_scale=5.0)
+    assert latents.shape == (2, 4, 8, 8)
+    assert steps == list(range(5))
