@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from saemnesia.concepts import NO_STYLE, ConceptVocabulary, assign_latents, check_concept_latents, load_concept_latents
 from saemnesia.objectives import SupervisedLoss, SupervisedTerms, UnsupervisedLoss, UnsupervisedTerms
@@ -112,6 +113,10 @@ class SAEModule(pl.LightningModule):
         self.dead_latents = DeadLatentTracker(self.sae.num_latents, dead_feature_threshold)
         self.vocabulary = vocabulary
         self.concept_latents: dict[str, int] | None = None
+        self._latent_tensors: tuple[Tensor, Tensor] | None = None  # concept_latents as index tensors, cached
+        # Validation hit rates are weighted means synced over ranks at epoch end: a rank whose batches hold no
+        # styled sample still takes part in the reduction (a plain `self.log` of a missing key would hang DDP).
+        self.val_hit_rates = nn.ModuleDict({name: MeanMetric() for name in HIT_RATES})
         if objective == "supervised":
             if vocabulary is None:
                 raise ValueError("model.objective=supervised needs the concept vocabulary (link data.vocabulary).")
@@ -158,10 +163,12 @@ class SAEModule(pl.LightningModule):
                                     object_latents, style_latents)
 
     def _assigned_latents(self) -> tuple[Tensor, Tensor]:
-        latents = self.concept_latents
-        objects = torch.tensor([latents[name] for name in self.vocabulary.objects], device=self.device)
-        styles = torch.tensor([latents[name] for name in self.vocabulary.styles], device=self.device, dtype=torch.long)
-        return objects, styles
+        """The latents of the vocabulary's objects `[n_objects]` and styles `[n_styles]`."""
+        if self._latent_tensors is None or self._latent_tensors[0].device != self.device:
+            self._latent_tensors = tuple(
+                torch.tensor([self.concept_latents[name] for name in names], device=self.device, dtype=torch.long)
+                for names in (self.vocabulary.objects, self.vocabulary.styles))
+        return self._latent_tensors
 
     def _log_terms(self, stage: str, terms: UnsupervisedTerms | SupervisedTerms, batch: dict[str, Tensor],
                    on_step: bool) -> None:
@@ -171,11 +178,16 @@ class SAEModule(pl.LightningModule):
             if value.ndim == 0:
                 self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "loss", **options)
         self.log(f"{stage}/l0", (terms.latent_acts > 0).sum(-1).float().mean(), **options)
-        if self.objective == "supervised":
-            num_objects = len(self.vocabulary.objects)
-            hits = concept_hit_rates(terms.concept_logits.detach(), batch["object"], batch["style"], num_objects)
-            for name, value in hits.items():
-                self.log(f"{stage}/{name}", value, **options)
+        if self.objective != "supervised":
+            return
+        hits = concept_hit_rates(terms.concept_logits.detach(), batch["object"], batch["style"],
+                                 len(self.vocabulary.objects))
+        for name, (rate, count) in hits.items():
+            if stage == "val":
+                self.val_hit_rates[name].update(rate, weight=count)
+                self.log(f"val/{name}", self.val_hit_rates[name], on_step=False, on_epoch=True)
+            elif count > 0:
+                self.log(f"{stage}/{name}", rate, **options)
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -218,16 +230,21 @@ class SAEModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.concept_latents = checkpoint.get("concept_latents")
+        self._latent_tensors = None
 
 
-def concept_hit_rates(logits: Tensor, objects: Tensor, styles: Tensor, num_objects: int) -> dict[str, Tensor]:
-    """Fraction of samples whose object latent has the largest pooled logit among the object latents; the same
-    for styles over the styled samples."""
-    rates = {"object_hit_rate": (logits[:, :num_objects].argmax(1) == objects).float().mean()}
+HIT_RATES = ("object_hit_rate", "style_hit_rate")
+
+
+def concept_hit_rates(logits: Tensor, objects: Tensor, styles: Tensor, num_objects: int
+                      ) -> dict[str, tuple[Tensor, int]]:
+    """`(rate, samples)` per hit rate: the share of samples whose object latent has the largest pooled logit
+    among the object latents, and the same for styles over the styled samples (rate 0 when there are none)."""
+    object_hits = (logits[:, :num_objects].argmax(1) == objects).float()
     styled = styles != NO_STYLE
-    if logits.shape[1] > num_objects and styled.any():
-        rates["style_hit_rate"] = (logits[styled, num_objects:].argmax(1) == styles[styled]).float().mean()
-    return rates
+    style_hits = (logits[styled, num_objects:].argmax(1) == styles[styled]).float()
+    return {"object_hit_rate": (object_hits.mean(), len(object_hits)),
+            "style_hit_rate": (style_hits.sum() / max(1, len(style_hits)), len(style_hits))}
 
 
 @torch.no_grad()

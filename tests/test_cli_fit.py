@@ -54,13 +54,13 @@ def test_print_config_shows_the_linked_recipe(toy_run, capsys):
     assert "reload_dataloaders_every_n_epochs: 1" in printed
 
 
-def cli_subprocess(workdir: Path, data: Path, *args: str) -> None:
-    """`cli.py fit` of the toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`."""
+def cli_subprocess(workdir: Path, data: Path, *args: str, config: str = "configs/toy/sae.yaml") -> None:
+    """`cli.py fit` of a toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`."""
     (workdir / "runs/toy").mkdir(parents=True, exist_ok=True)
     if not (workdir / "runs/toy/activations").exists():
         (workdir / "runs/toy/activations").symlink_to(data)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "-c", str(REPO / "configs/toy/sae.yaml"),
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "-c", str(REPO / config),
                              *SMALL, "--trainer.max_steps=6", "--data.init_args.steps_per_epoch=3",
                              "--data.init_args.batch_size=64", "--trainer.limit_val_batches=0",
                              "--trainer.callbacks+=cli_probes.DumpRankState", "--trainer.callbacks.dirpath=final",
@@ -68,17 +68,31 @@ def cli_subprocess(workdir: Path, data: Path, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_process_ddp_fit_keeps_ranks_identical(toy_run):
-    data = toy_run / "runs/toy/activations"
-    cli_subprocess(toy_run / "ddp", data, "--trainer.devices=2", "--trainer.strategy=ddp")
-    rank0, rank1 = (load_file(str(toy_run / f"ddp/final/rank{r}.safetensors")) for r in (0, 1))
+def assert_ranks_identical(folder: Path) -> dict[str, torch.Tensor]:
+    rank0, rank1 = (load_file(str(folder / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+    return rank0
+
+
+def test_two_process_ddp_fit_keeps_ranks_identical(toy_run):
+    data, workdir = toy_run / "runs/toy/activations", toy_run / "ddp"
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    cli_subprocess(workdir, data, *ddp)
+    rank0 = assert_ranks_identical(workdir / "final")
     # Counters move by the tokens of both ranks (6 steps × 64 tokens × 2 ranks at most).
     assert 6 * 64 < rank0["dead_latents.tokens_since_fired"].max() <= 6 * 64 * 2
-    single = SparseAutoencoder.load(toy_run / "ddp/runs/toy/sae", HOOKPOINT)
-    torch.testing.assert_close(single.W_dec, rank0["sae.W_dec"])  # rank 0 exported what the ranks share
+    unsupervised = SparseAutoencoder.load(workdir / "runs/toy/sae", HOOKPOINT)
+    torch.testing.assert_close(unsupervised.W_dec, rank0["sae.W_dec"])  # rank 0 exported what the ranks share
+
+    # Fine-tuning: both ranks reduce the assignment statistics, then train in step.
+    cli_subprocess(workdir, data, *ddp, "--model.init_args.assignment_batches=2", "--data.init_args.batch_size=4",
+                   config="configs/toy/sae_supervised.yaml")
+    rank0 = assert_ranks_identical(workdir / "final")
+    assert not torch.equal(rank0["sae.W_dec"], unsupervised.W_dec)
+    latents = load_concept_latents(workdir / "runs/toy/sae_supervised" / HOOKPOINT / "concept_latents.json")
+    assert len(set(latents.values())) == 5
 
 
 def test_resumed_training_equals_uninterrupted_training(toy_run):

@@ -49,8 +49,10 @@ def test_a_latent_firing_on_one_rank_only_is_alive_on_every_rank():
 def test_concept_hit_rates_use_objects_and_styled_samples():
     logits = torch.tensor([[5.0, 1.0, 0.0, 2.0], [0.0, 3.0, 9.0, 1.0], [4.0, 0.0, 0.0, 0.0]])  # 2 objects, 2 styles
     rates = concept_hit_rates(logits, torch.tensor([0, 0, 0]), torch.tensor([1, 0, NO_STYLE]), num_objects=2)
-    assert rates["object_hit_rate"].item() == pytest.approx(2 / 3)
-    assert rates["style_hit_rate"].item() == pytest.approx(1.0)
+    assert rates["object_hit_rate"][0].item() == pytest.approx(2 / 3) and rates["object_hit_rate"][1] == 3
+    assert rates["style_hit_rate"][0].item() == pytest.approx(1.0) and rates["style_hit_rate"][1] == 2
+    plain = concept_hit_rates(logits, torch.tensor([0, 1, 0]), torch.full((3,), NO_STYLE), num_objects=2)
+    assert plain["style_hit_rate"][1] == 0 and plain["object_hit_rate"][0].item() == pytest.approx(1.0)
 
 
 def test_assignment_finds_the_latent_each_concept_drives():
