@@ -1,0 +1,123 @@
+"""Per-concept erasing parameters, `class_params` (SPEC §5, §7): `{concept: {"percentile": p, "multiplier": m}}`.
+
+Two file formats, chosen by suffix: `.pth` is the published one (`torch.save` of the plain dict) and `.json` is
+the same dict as text. Published `.pth` files may carry extra per-concept keys (UA, IRA, score, ...) whose values
+may be numpy scalars; loading keeps only the two parameters and never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import numbers
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saemnesia.io import atomic_write_bytes, atomic_write_text
+
+ConceptParams = dict[str, float]
+"""`{"percentile": p, "multiplier": m}` for one concept."""
+
+PARAM_KEYS = ("percentile", "multiplier")
+"""The two keys every concept entry must have."""
+
+SAEMNESIA_PERCENTILE = 99.999
+"""SAEmnesia's fixed percentile: with L = 20480 latents it selects exactly the top-1 latent (SPEC §3.3)."""
+
+SAEMNESIA_MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
+"""The multipliers both methods search (SPEC §5)."""
+
+SAEURON_PERCENTILES = (99.99, 99.995, 99.999)
+"""SAeUron's percentiles (top-3, top-2, top-1 latents at L = 20480), searched together with the multipliers."""
+
+SEARCH_METHODS = ("saemnesia", "saeuron")
+"""Methods whose candidate grids `search_grid` knows."""
+
+# A `.pth` written where the metric values were numpy scalars pickles them as `scalar(dtype, bytes)`; numpy 1 and 2
+# name that function differently, so both names are allowed for the weights-only unpickler.
+_numpy_scalar = np.float64(0).__reduce__()[0]
+_NUMPY_SCALAR_GLOBALS = [
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    np.dtype,
+    *{type(np.dtype(code)) for code in "efdbhilqBHILQ?"},
+]
+
+
+def search_grid(method: str = "saemnesia") -> list[ConceptParams]:
+    """Candidate parameters of a per-concept search: 7 for SAEmnesia, 3 percentiles × 7 multipliers for SAeUron."""
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"Unknown search method {method!r}; expected one of {list(SEARCH_METHODS)}.")
+    percentiles = (SAEMNESIA_PERCENTILE,) if method == "saemnesia" else SAEURON_PERCENTILES
+    return [{"percentile": p, "multiplier": m} for p in percentiles for m in SAEMNESIA_MULTIPLIERS]
+
+
+def validate_class_params(params: Mapping[str, Any], source: str = "class_params") -> dict[str, ConceptParams]:
+    """Check `{concept: {"percentile", "multiplier", ...}}` and return it with exactly those two keys, as floats.
+
+    Extra keys per concept are dropped. `source` names the file or option in error messages.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{source} must be a dict {{concept: {{'percentile': p, 'multiplier': m}}}}; "
+                         f"got {type(params).__name__}.")
+    checked = {}
+    for concept, entry in params.items():
+        if not isinstance(entry, Mapping) or any(key not in entry for key in PARAM_KEYS):
+            keys = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+            raise ValueError(f"{source}: the entry of {concept!r} must have 'percentile' and 'multiplier'; got {keys}.")
+        values = {key: _as_float(entry[key], f"{source}: {concept!r} {key}") for key in PARAM_KEYS}
+        if not 0 <= values["percentile"] <= 100:
+            raise ValueError(f"{source}: {concept!r} percentile must lie in [0, 100]; got {values['percentile']}.")
+        checked[str(concept)] = values
+    return checked
+
+
+def _as_float(value: Any, what: str) -> float:
+    """A finite real number (Python, numpy or a one-element tensor) as a float; bools and text are refused."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
+        raise ValueError(f"{what} must be a finite number; got {value!r}.")
+    return float(value)
+
+
+def save_class_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
+    """Write `params` as `.pth` (torch.save, the published format) or `.json`, by suffix, atomically."""
+    path = Path(path)
+    checked = validate_class_params(params, source=str(path))
+    if path.suffix == ".json":
+        atomic_write_text(path, json.dumps(checked, indent=2) + "\n")
+    elif path.suffix == ".pth":
+        buffer = io.BytesIO()
+        torch.save(checked, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    else:
+        raise ValueError(f"class_params file {path} must end in .pth or .json.")
+
+
+def load_class_params(path: str | os.PathLike) -> dict[str, ConceptParams]:
+    """Read a `.pth` (published) or `.json` class_params file; returns only percentile and multiplier per concept."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class_params file {path} does not exist.")
+    if path.suffix == ".json":
+        try:
+            params = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"class_params file {path} is not valid JSON ({error}).") from error
+    elif path.suffix == ".pth":
+        try:
+            with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+                params = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(f"class_params file {path} is not a torch.save of plain parameters ({error}).") from error
+    else:
+        raise ValueError(f"class_params file {path} must end in .pth or .json.")
+    return validate_class_params(params, source=str(path))
+
