@@ -84,3 +84,13 @@ def test_assignment_needs_every_concept_at_some_step():
                   "style": torch.full((3,), NO_STYLE), "step": torch.zeros(3, dtype=torch.long)}
     with pytest.raises(ValueError, match="model.assignment_batches"):
         estimate_concept_latents(sae, [only_bears], vocabulary, num_steps=1, num_batches=1)
+
+
+def test_init_from_an_sae_of_another_width_fails_naming_both(tmp_path):
+    from saemnesia.training import SAEModule
+
+    SparseAutoencoder(16, SaeConfig(expansion_factor=2)).save(tmp_path / "unet.mid_block")
+    with pytest.raises(ValueError, match=r"init_from .* d_in=16 but the activation data has d_in=8"):
+        SAEModule(d_in=8, hookpoint="unet.mid_block", init_from=str(tmp_path))
+    with pytest.raises(ValueError, match="needs the concept vocabulary"):
+        SAEModule(d_in=16, hookpoint="unet.mid_block", init_from=str(tmp_path), objective="supervised")
