@@ -1,0 +1,89 @@
+"""Timing helpers shared by the benchmark scripts: synchronised wall-clock timing, the machine's measured dense
+matmul FLOP/s (the yardstick for "fraction of peak"), and the one-JSON-object last line every script prints."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Timing(NamedTuple):
+    """Wall-clock time of `calls` consecutive calls, measured as one block."""
+
+    seconds: float
+    """Total seconds of the timed calls (warm-up calls excluded)."""
+    calls: int
+    """Number of timed calls."""
+
+    @property
+    def per_call(self) -> float:
+        return self.seconds / self.calls
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work; a no-op on CPU, where work is synchronous."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int,
+              synchronize: Callable[[], None] = lambda: None) -> Timing:
+    """Run `fn` `warmup` times untimed, then time `repeats` calls with `time.perf_counter`.
+
+    The device is synchronised only before and after the timed block, not between calls, so asynchronous devices
+    keep their queue full as they would in a real loop.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"time_call needs warmup >= 0 and repeats >= 1; got warmup={warmup}, repeats={repeats}.")
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return Timing(time.perf_counter() - start, repeats)
+
+
+def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
+                            warmup: int = 1, repeats: int = 3) -> float:
+    """Measured FLOP/s of a dense `[m, k] × [k, n]` `torch.mm` (2·m·k·n FLOPs each) on `device` in `dtype`.
+
+    The output buffer is reused (`out=`) so the figure is the matmul itself, not the allocator.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    timing = time_call(lambda: torch.mm(a, b, out=out), warmup=warmup, repeats=repeats,
+                       synchronize=synchronizer(device))
+    return 2 * m * k * n / timing.per_call
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on: the processor or GPU, CPU threads and the torch version."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def print_json_line(result: dict[str, Any]) -> None:
+    """Print `result` as one JSON line (the script's last line, which harnesses parse); NaN/inf are refused."""
+    print(json.dumps(result, allow_nan=False), flush=True)
+

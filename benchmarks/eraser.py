@@ -1,0 +1,149 @@
+"""Cost of the concept eraser per UNet call at the SD1.5 hookpoint shape, against a dense implementation.
+
+`ConceptEraser.apply` runs the encoder and decodes only the change of the few erased latents; the dense baseline is
+what the reference hook computes: encode, scatter the TopK code into a dense `[tokens, L]` tensor, and decode it twice
+(`[tokens, L] @ [L, d]`) before and after erasing. Both run in the same process on the same block output, and must
+agree. It prints the eraser's time over the dense time (target ≤ 0.6) and the encoder's share (the floor every
+implementation pays); the last line is one JSON object with every figure.
+
+    python -m benchmarks.eraser                                  # CPU, float32, one CFG batch of 8 prompts
+    python -m benchmarks.eraser --device cuda --dtype float16 --repeats 50
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from jsonargparse import ArgumentParser
+from torch import Tensor
+
+from benchmarks.common import machine_description, print_json_line, synchronizer, time_call
+from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.stats import ConceptStats
+from saemnesia.unlearning import ConceptEraser, ErasureTables
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TARGET = UNLEARNCANVAS_OBJECTS[1]  # "Bears"; any concept serves, the cost does not depend on which
+MEAN_CODE_SCALE = 0.05  # typical token-averaged TopK activation, so the thresholds let some latents through
+
+
+@dataclass
+class EraserBenchmarkConfig:
+    """Shape and settings of one run (command-line options of the same names)."""
+
+    batch: int = 16
+    """UNet batch: with classifier-free guidance, twice the number of prompts. Published shape: 16."""
+    height: int = 16
+    """Block-output height (16 at 512 px for SD1.5 up_blocks.1.attentions.1)."""
+    width: int = 16
+    """Block-output width."""
+    d: int = 1280
+    """Channels = SAE input width. Published: 1280."""
+    latents: int = 20480
+    """SAE latents L. Published: 20480."""
+    k: int = 32
+    """TopK. Published: 32."""
+    steps: int = 100
+    """Sampling steps T of the statistics. Published: 100."""
+    percentile: float = 99.999
+    """Selection percentile of the erased concept (99.999 = the top-1 latent at L = 20480)."""
+    multiplier: float = -10.0
+    """Multiplier of the erased concept."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where both implementations run."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the SAE and of the block output."""
+    repeats: int = 3
+    """Timed calls of each implementation."""
+    warmup: int = 1
+    """Untimed calls before them."""
+    seed: int = 0
+    """Seed of the SAE, the statistics and the block output."""
+
+    def __post_init__(self) -> None:
+        if min(self.batch, self.height, self.width, self.d, self.latents, self.k, self.steps, self.repeats) < 1:
+            raise ValueError("--batch, --height, --width, --d, --latents, --k, --steps and --repeats must be positive.")
+        if self.k > self.latents:
+            raise ValueError(f"--k ({self.k}) must not exceed --latents ({self.latents}).")
+
+
+def dense_erase(sae: SparseAutoencoder, tables: ErasureTables, hidden: Tensor, step: int) -> Tensor:
+    """The straightforward `exact`-mode implementation: dense code and two dense decodes, as the reference hook."""
+    batch, channels, height, width = hidden.shape
+    tokens = hidden.flatten(2).transpose(1, 2)  # [B, N, C]
+    pre_acts = sae.pre_acts(tokens)  # [B, N, L]
+    acts, indices = pre_acts.topk(sae.cfg.k, dim=-1, sorted=False)
+    code = torch.zeros_like(pre_acts).scatter_(-1, indices, acts)  # [B, N, L]
+    reconstruction = code @ sae.W_dec + sae.b_dec  # [B, N, C]
+    selected = tables.latents[step][tables.valid[step]]  # [K]
+    scales = (tables.multipliers[step] * tables.concept_means[step])[tables.valid[step]].to(code.dtype)
+    values = code[..., selected]  # [B, N, K]
+    code[..., selected] = torch.where(values > tables.thresholds[step][tables.valid[step]], values * scales, values)
+    erased = code @ sae.W_dec + sae.b_dec  # [B, N, C]
+    out = tokens + (erased - reconstruction)
+    return out.transpose(1, 2).reshape(batch, channels, height, width)  # [B, C, H, W]
+
+
+def build_eraser(config: EraserBenchmarkConfig) -> tuple[ConceptEraser, Tensor]:
+    """A random SAE of the configured size, statistics of the 20 UnlearnCanvas objects, and one block output."""
+    device, dtype = torch.device(config.device), DTYPES[config.dtype]
+    torch.manual_seed(config.seed)
+    sae = SparseAutoencoder(config.d, SaeConfig(num_latents=config.latents, k=config.k)).to(device, dtype)
+    generator = torch.Generator().manual_seed(config.seed)
+    means = MEAN_CODE_SCALE * torch.rand(len(UNLEARNCANVAS_OBJECTS), config.steps, config.latents,
+                                         generator=generator)  # [C, T, L]
+    stats = ConceptStats(list(UNLEARNCANVAS_OBJECTS), means, torch.full((len(UNLEARNCANVAS_OBJECTS),), 80))
+    params = {TARGET: {"percentile": config.percentile, "multiplier": config.multiplier}}
+    eraser = ConceptEraser(sae, stats, params, error_mode="exact")
+    hidden = torch.randn(config.batch, config.d, config.height, config.width, generator=generator)
+    return eraser, hidden.to(device, dtype)
+
+
+@torch.no_grad()
+def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
+    """Seconds per call of the eraser, the dense baseline and the encoder alone, and their agreement."""
+    eraser, hidden = build_eraser(config)
+    sae, step = eraser.sae, config.steps // 2
+    tokens = hidden.flatten(2).transpose(1, 2)  # [B, N, C]
+    sync = synchronizer(torch.device(config.device))
+
+    def timed(fn: Any) -> float:
+        return time_call(fn, warmup=config.warmup, repeats=config.repeats, synchronize=sync).per_call
+
+    erased, dense = eraser.apply(hidden, step), dense_erase(sae, eraser.tables, hidden, step)
+    eraser_s = timed(lambda: eraser.apply(hidden, step))
+    dense_s = timed(lambda: dense_erase(sae, eraser.tables, hidden, step))
+    encoder_s = timed(lambda: sae.pre_acts(tokens).topk(sae.cfg.k, dim=-1, sorted=False))
+    return {
+        "eraser_s": eraser_s,
+        "dense_s": dense_s,
+        "encoder_s": encoder_s,
+        "eraser_over_dense": eraser_s / dense_s,
+        "encoder_over_eraser": encoder_s / eraser_s,
+        "max_abs_difference": float((erased.float() - dense.float()).abs().max()),
+        "tokens_changed": int((erased != hidden).any(dim=1).sum()),
+    }
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse the options, run, print the report as the last line and return it."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_class_arguments(EraserBenchmarkConfig)  # one option per field, same names
+    config = EraserBenchmarkConfig(**parser.parse_args(args).as_dict())
+    report: dict[str, Any] = {"benchmark": "eraser", "config": asdict(config),
+                              "machine": machine_description(torch.device(config.device))}
+    report["unet_call"] = cost = unet_call_cost(config)
+    print(f"[{config.batch}, {config.d}, {config.height}, {config.width}] {config.dtype}, L {config.latents}, "
+          f"k {config.k}: eraser {cost['eraser_s'] * 1e3:.1f} ms, dense {cost['dense_s'] * 1e3:.1f} ms, "
+          f"ratio {cost['eraser_over_dense']:.3f} (target <= 0.6); encoder alone {cost['encoder_s'] * 1e3:.1f} ms; "
+          f"max |eraser - dense| {cost['max_abs_difference']:.2e}, {cost['tokens_changed']} tokens changed")
+    # Part 2, hooked vs unhooked generation on the tiny pipeline, adds its figures to the report here.
+    print_json_line(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Training throughput of `SAEModule` under a Lightning `Trainer` against a plain PyTorch loop doing the same math.
+
+For each objective it prints tokens/s of both paths in the same process, their ratio (target ≥ 0.9: Lightning
+should cost under 10 %), and the fraction of this machine's measured dense matmul FLOP/s each path reaches. The
+last line is one JSON object with every figure.
+
+    python -m benchmarks.sae_step                                   # CPU, published size, both objectives
+    python -m benchmarks.sae_step --device cuda --precision bf16-mixed --steps 50 --warmup 5
+
+Defaults are the published size (d 1280, 20480 latents, k 32, batches of 4096 tokens) with few steps, because
+one step takes several seconds on a small CPU; on a GPU raise `--steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import ArgumentParser
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.common import machine_description, matmul_flops_per_second, print_json_line, synchronizer, time_call
+from saemnesia.concepts import NO_STYLE, UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
+from saemnesia.objectives import SupervisedLoss, UnsupervisedLoss
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.training import DeadLatentTracker, SAEModule
+
+Objective = Literal["unsupervised", "supervised"]
+VOCABULARY = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tuple(UNLEARNCANVAS_STYLES))
+# Explicit assignment, so the supervised fit runs no assignment pass (which would need a datamodule).
+CONCEPT_LATENTS = {name: latent for latent, name in enumerate(VOCABULARY.concepts)}
+NUM_STEPS_LABEL = 50  # sampling steps of the published fine-tuning data; only labels the random samples
+DISTINCT_BATCHES = 2  # random batches cycled through; enough that no step reuses the previous step's inputs
+LEARNING_RATES = {"unsupervised": 4e-4, "supervised": 5e-6}  # published (SPEC §2)
+
+
+@dataclass
+class BenchmarkConfig:
+    """Sizes and settings of one benchmark run (command-line options of the same names)."""
+
+    d: int = 1280
+    """Activation width d_in. Published: 1280 (SD1.5 up_blocks.1.attentions.1)."""
+    latents: int = 20480
+    """Number of SAE latents L. Published: 20480 (expansion 16)."""
+    k: int = 32
+    """TopK. Published: 32."""
+    tokens: int = 4096
+    """Tokens per batch. Published unsupervised batch: 4096."""
+    tokens_per_sample: int = 256
+    """Tokens per map in supervised batches (16×16 at 512 px); a batch holds tokens / tokens_per_sample maps."""
+    steps: int = 5
+    """Timed optimizer steps per path."""
+    warmup: int = 2
+    """Untimed steps before them (Adam state, b_dec median init, allocator and kernel warm-up); at least 1."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where both paths run."""
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
+    """Lightning precision; the plain loop uses the matching autocast. The matmul yardstick uses its dtype."""
+    objective: Literal["unsupervised", "supervised", "both"] = "both"
+    """Which objective(s) to benchmark."""
+    batch_topk: bool = True
+    """BatchTopK for the unsupervised SAE, as the published pre-training (supervised always uses per-token TopK)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping in both paths; 0 disables it."""
+    dead_feature_threshold: int = 10_000_000
+    """Tokens without firing before a latent is dead (AuxK runs only once some are). Published: 10M."""
+    seed: int = 0
+    """Seed of the data and of both SAEs' initialisation (the two paths start from identical weights)."""
+
+    def __post_init__(self) -> None:
+        if min(self.d, self.latents, self.k, self.tokens, self.tokens_per_sample, self.steps) < 1:
+            raise ValueError("--d, --latents, --k, --tokens, --tokens_per_sample and --steps must all be positive.")
+        if self.warmup < 1:
+            raise ValueError(f"--warmup must be at least 1 (the first step initialises b_dec); got {self.warmup}.")
+        if self.k > self.latents:
+            raise ValueError(f"--k ({self.k}) must not exceed --latents ({self.latents}).")
+        if self.tokens % self.tokens_per_sample:
+            raise ValueError(f"--tokens ({self.tokens}) must be a multiple of --tokens_per_sample "
+                             f"({self.tokens_per_sample}) so supervised batches hold whole maps.")
+        if self.objective != "unsupervised" and self.latents < len(CONCEPT_LATENTS):
+            raise ValueError(f"--latents must be at least {len(CONCEPT_LATENTS)} for the supervised objective (one "
+                             "latent per UnlearnCanvas concept).")
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return ["unsupervised", "supervised"] if self.objective == "both" else [self.objective]
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    def sae_config(self, objective: Objective) -> SaeConfig:
+        return SaeConfig(num_latents=self.latents, k=self.k, batch_topk=self.batch_topk and objective == "unsupervised")
+
+
+class RunResult(NamedTuple):
+    """One path's timed steps and the SAE it trained."""
+
+    seconds: float
+    """Wall time of the `steps` timed steps."""
+    sae: SparseAutoencoder
+    """The trained SAE, to check that both paths computed the same thing."""
+
+
+def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[str, Tensor]]:
+    """Batches in the format the ActivationDataModule yields, already on the device (no transfer is timed)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    device = torch.device(config.device)
+    batches = []
+    for _ in range(DISTINCT_BATCHES):
+        if objective == "unsupervised":
+            batch = {"act": torch.randn(config.tokens, config.d, generator=generator)}  # token level: [N, d]
+        else:
+            samples = config.tokens // config.tokens_per_sample
+            batch = {
+                "act": torch.randn(samples, config.tokens_per_sample, config.d, generator=generator),  # [B, N, d]
+                "object": torch.randint(len(VOCABULARY.objects), (samples,), generator=generator),
+                "style": torch.randint(NO_STYLE, len(VOCABULARY.styles), (samples,), generator=generator),
+                "step": torch.randint(NUM_STEPS_LABEL, (samples,), generator=generator),
+            }
+        batches.append({key: value.to(device) for key, value in batch.items()})
+    return batches
+
+
+class CycledBatches(Dataset):
+    """`length` items cycling through pre-made batches; with `batch_size=None` the DataLoader yields them as is."""
+
+    def __init__(self, batches: list[dict[str, Tensor]], length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.batches[index % len(self.batches)]
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of batch `first_timed` to the end of the last batch of the (single) epoch."""
+
+    def __init__(self, first_timed: int, last: int, synchronize: Callable[[], None]):
+        self.first_timed, self.last, self.synchronize = first_timed, last, synchronize
+        self.start = self.end = float("nan")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == self.first_timed:
+            self.synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx == self.last:
+            self.synchronize()
+            self.end = time.perf_counter()
+
+
+def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
+    """The real `fit` path: `SAEModule` under a `Trainer`, fed by an in-memory DataLoader."""
+    torch.manual_seed(config.seed)
+    module = SAEModule(
+        d_in=config.d, hookpoint="benchmark", vocabulary=VOCABULARY, objective=objective,
+        sae=config.sae_config(objective), concept_latents=CONCEPT_LATENTS if objective == "supervised" else None,
+        lr=LEARNING_RATES[objective], lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
+        dead_feature_threshold=config.dead_feature_threshold,
+    )
+    timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(torch.device(config.device)))
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="gpu" if config.device == "cuda" else "cpu", devices=1, precision=config.precision,
+            max_steps=config.total_steps, gradient_clip_val=config.grad_clip or None, callbacks=[timer],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, default_root_dir=root,
+        )
+        loader = DataLoader(CycledBatches(batches, config.total_steps), batch_size=None)
+        trainer.fit(module, train_dataloaders=loader)
+    return RunResult(timer.end - timer.start, module.sae)
+
+
+def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
+    """The same math without Lightning, in the order Lightning runs it: forward and loss (under autocast for
+    mixed precision), dead-latent update, backward, gradient projection, clipping, Adam, decoder renormalisation,
+    LR schedule."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    sae = SparseAutoencoder(config.d, config.sae_config(objective)).to(device)
+    tracker = DeadLatentTracker(sae.num_latents, config.dead_feature_threshold).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=LEARNING_RATES[objective])
+    unsupervised = objective == "unsupervised"
+    # The module's linear decay to 0 over max_steps is torch's LinearLR; the supervised schedule is constant.
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, config.total_steps) if unsupervised else None
+    renormalise = unsupervised and sae.cfg.normalize_decoder
+    unsupervised_loss, supervised_loss = UnsupervisedLoss(), SupervisedLoss()
+    object_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.objects], device=device)
+    style_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.styles], device=device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    if unsupervised:
+        sae.init_b_dec_to_geometric_median(batches[0]["act"])  # as SAEModule does on its first batch
+    batch_stream: Iterator[dict[str, Tensor]] = iter(CycledBatches(batches, config.total_steps))
+
+    def step() -> None:
+        batch = next(batch_stream)
+        optimizer.zero_grad()
+        with autocast:
+            if unsupervised:
+                terms = unsupervised_loss(sae, batch["act"], tracker.dead_mask)
+            else:
+                terms = supervised_loss(sae, batch["act"], batch["object"], batch["style"], object_latents,
+                                        style_latents)
+            tracker.update(terms.latent_indices, terms.latent_acts)
+        terms.loss.backward()
+        if renormalise:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
+        optimizer.step()
+        if renormalise:
+            sae.set_decoder_norm_to_unit_norm()
+        if schedule is not None:
+            schedule.step()
+
+    timing = time_call(step, warmup=config.warmup, repeats=config.steps, synchronize=synchronizer(device))
+    return RunResult(timing.seconds, sae)
+
+
+def step_flops(config: BenchmarkConfig) -> int:
+    """Dense FLOPs of one step: the encoder matmul `2·N·d·L` forward and twice that backward (gradients of the
+    weight and of the input, which b_dec needs); the sparse decode and the elementwise work are left out."""
+    return 3 * 2 * config.tokens * config.d * config.latents
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+    """Both paths for each objective, and the matmul yardstick; returns the JSON-ready report."""
+    device = torch.device(config.device)
+    dtype = torch.bfloat16 if config.precision == "bf16-mixed" else torch.float32
+    peak = matmul_flops_per_second(config.tokens, config.d, config.latents, device, dtype)
+    flops = step_flops(config)
+    report: dict[str, Any] = {"benchmark": "sae_step", "config": asdict(config), "machine": machine_description(device),
+                              "matmul_flops_per_s": peak, "step_flops": flops, "objectives": {}}
+    print(f"dense matmul [{config.tokens}, {config.d}] x [{config.d}, {config.latents}] {dtype}: "
+          f"{peak / 1e9:.1f} GFLOP/s; one step = {flops / 1e9:.1f} GFLOP")
+    for objective in config.objectives:
+        batches = random_batches(config, objective)
+        module, plain = run_lightning(config, objective, batches), run_plain(config, objective, batches)
+        figures = {
+            "module_tokens_per_s": config.steps * config.tokens / module.seconds,
+            "plain_tokens_per_s": config.steps * config.tokens / plain.seconds,
+            "module_vs_plain": plain.seconds / module.seconds,
+            "module_matmul_fraction": flops * config.steps / module.seconds / peak,
+            "plain_matmul_fraction": flops * config.steps / plain.seconds / peak,
+        }
+        report["objectives"][objective] = figures
+        print(f"{objective}: SAEModule {figures['module_tokens_per_s']:.0f} tokens/s, plain loop "
+              f"{figures['plain_tokens_per_s']:.0f} tokens/s, ratio {figures['module_vs_plain']:.3f} (target >= 0.9); "
+              f"matmul fraction {figures['module_matmul_fraction']:.3f} (plain {figures['plain_matmul_fraction']:.3f})")
+    return report
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse the options, run, print the report as the last line and return it."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_class_arguments(BenchmarkConfig)  # one option per field, same names
+    report = run_benchmark(BenchmarkConfig(**parser.parse_args(args).as_dict()))
+    print_json_line(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
