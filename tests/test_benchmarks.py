@@ -65,3 +65,14 @@ def test_plain_loop_trains_the_same_sae_as_the_lightning_module(objective):
 def test_bad_benchmark_options_fail_with_one_clear_sentence(options, message):
     with pytest.raises(ValueError, match=message):
         BenchmarkConfig(**{**TINY, **options})
+
+
+def test_eraser_benchmark_agrees_with_its_dense_baseline(capsys):
+    from benchmarks import eraser
+
+    report = eraser.main(["--batch=2", "--d=16", "--latents=256", "--k=4", "--steps=3", "--repeats=1",
+                          "--warmup=0"])
+    cost = report["unet_call"]
+    assert cost["max_abs_difference"] < 1e-5
+    assert all(cost[name] > 0 for name in ("eraser_s", "dense_s", "encoder_s"))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
