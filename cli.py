@@ -15,9 +15,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 class SaemnesiaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Read from the shard manifest once the data module exists, so no config repeats them.
-        for attribute in ("d_in", "hookpoint", "vocabulary"):
-            parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
+        # Read from the shard manifest once the data module exists, so no config repeats them. (Link targets
+        # vanish from printed configs, so they must not share a name with an argument of another model class.)
+        for source, target in (("d_in", "d_in"), ("hookpoint", "activations_hookpoint"), ("vocabulary", "vocabulary")):
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         # Streams are seeded per epoch when the loader is built, so it must be rebuilt every epoch.
         parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1})
 

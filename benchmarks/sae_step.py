@@ -166,7 +166,7 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
     """The real `fit` path: `SAEModule` under a `Trainer`, fed by an in-memory DataLoader."""
     torch.manual_seed(config.seed)
     module = SAEModule(
-        d_in=config.d, hookpoint="benchmark", vocabulary=VOCABULARY, objective=objective,
+        d_in=config.d, activations_hookpoint="benchmark", vocabulary=VOCABULARY, objective=objective,
         sae=config.sae_config(objective), concept_latents=CONCEPT_LATENTS if objective == "supervised" else None,
         lr=LEARNING_RATES[objective], lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
         dead_feature_threshold=config.dead_feature_threshold,

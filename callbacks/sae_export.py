@@ -32,7 +32,7 @@ class SaeExport(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: SAEModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
-            self.export(pl_module.sae, pl_module.hparams.hookpoint, pl_module.concept_latents)
+            self.export(pl_module.sae, pl_module.hparams.activations_hookpoint, pl_module.concept_latents)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: SAEModule) -> None:
         if not trainer.is_global_zero:
@@ -45,7 +45,7 @@ class SaeExport(pl.Callback):
             sae.load_state_dict({name.removeprefix("sae."): tensor for name, tensor in checkpoint["state_dict"].items()
                                  if name.startswith("sae.")})
             concept_latents = checkpoint.get("concept_latents")
-        self.export(sae, pl_module.hparams.hookpoint, concept_latents)
+        self.export(sae, pl_module.hparams.activations_hookpoint, concept_latents)
 
     def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> Path:
         folder = self.dirpath / hookpoint

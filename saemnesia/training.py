@@ -64,7 +64,7 @@ class SAEModule(pl.LightningModule):
     def __init__(
         self,
         d_in: int,
-        hookpoint: str,
+        activations_hookpoint: str,
         vocabulary: ConceptVocabulary | None = None,
         objective: Literal["unsupervised", "supervised"] = "unsupervised",
         sae: SaeConfig | None = None,
@@ -81,7 +81,8 @@ class SAEModule(pl.LightningModule):
         """
         Args:
             d_in: Activation width; linked from the data manifest (`data.d_in`).
-            hookpoint: Block the activations come from; linked from the manifest, names the exported SAE folder.
+            activations_hookpoint: Block the activations come from; linked from the manifest (`data.hookpoint`),
+                names the exported SAE folder. (Not `hookpoint`: that names the block to hook in `predict` runs.)
             vocabulary: Concepts of the data; linked from the manifest. Needed by the supervised objective.
             objective: `unsupervised` (FVU + AuxK, SPEC §2.1) or `supervised` (concept binding, SPEC §2.2).
             sae: Architecture of a fresh SAE (ignored with `init_from`). Default: expansion 16, k 32.
@@ -100,8 +101,8 @@ class SAEModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from is not None:
-            nested = (Path(init_from) / hookpoint).is_dir()  # a parent folder of per-hookpoint SAEs
-            self.sae = SparseAutoencoder.load(init_from, hookpoint if nested else None)
+            nested = (Path(init_from) / activations_hookpoint).is_dir()  # a parent folder of per-hookpoint SAEs
+            self.sae = SparseAutoencoder.load(init_from, activations_hookpoint if nested else None)
             if self.sae.d_in != d_in:
                 raise ValueError(f"model.init_from {init_from} is an SAE for d_in={self.sae.d_in} but the "
                                  f"activation data has d_in={d_in}.")

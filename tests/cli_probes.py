@@ -29,3 +29,16 @@ class StopAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class FailAfterPredictBatches(pl.Callback):
+    """Raises after `batches` predict batches, as a crashed caching job would (callbacks listed before it have run)."""
+
+    def __init__(self, batches: int):
+        self.batches = batches
+        self.seen = 0
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self.seen += 1
+        if self.seen >= self.batches:
+            raise RuntimeError(f"Simulated crash after {self.seen} predict batches.")

@@ -91,6 +91,6 @@ def test_init_from_an_sae_of_another_width_fails_naming_both(tmp_path):
 
     SparseAutoencoder(16, SaeConfig(expansion_factor=2)).save(tmp_path / "unet.mid_block")
     with pytest.raises(ValueError, match=r"init_from .* d_in=16 but the activation data has d_in=8"):
-        SAEModule(d_in=8, hookpoint="unet.mid_block", init_from=str(tmp_path))
+        SAEModule(d_in=8, activations_hookpoint="unet.mid_block", init_from=str(tmp_path))
     with pytest.raises(ValueError, match="needs the concept vocabulary"):
-        SAEModule(d_in=16, hookpoint="unet.mid_block", init_from=str(tmp_path), objective="supervised")
+        SAEModule(d_in=16, activations_hookpoint="unet.mid_block", init_from=str(tmp_path), objective="supervised")

@@ -1,0 +1,154 @@
+"""`PromptDataModule`: the prompt items of a `predict` run (SPEC §6, §8), in a fixed order.
+
+Prompts come from a template (`"An image of {object}"`) or from anchor-prompt files (UnlearnCanvas layout: one
+prompt per line in `sd_prompt_{Object}.txt`), each rendered with every selected style and plainly:
+`"{subject} in {Style with spaces} style."` and `"{subject}."`, as SPEC §6 and the reference caching do.
+
+Under DDP Lightning's predict sampler deals items round-robin without padding (`UnrepeatedDistributedSampler`),
+so no item is generated twice. `exclude` drops items that an earlier, interrupted run already stored.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Collection
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary
+from saemnesia.generation import PromptItem
+
+PLAIN = "plain"
+"""Stands for the missing style in prompt ids."""
+
+
+def styled_prompt(subject: str, style: str | None) -> str:
+    """`"{subject} in {Style with spaces} style."`, or `"{subject}."` for a plain prompt (`style=None`)."""
+    if style is None:
+        return f"{subject}."
+    return f"{subject} in {style.replace('_', ' ')} style."
+
+
+def prompt_id(obj: str, style: str | None, subject_index: int, seed: int) -> str:
+    """A stable id such as `Bears-Cubism-007-s188` (plain: `Bears-plain-007-s188`)."""
+    return f"{obj}-{style or PLAIN}-{subject_index:03d}-s{seed}"
+
+
+def read_anchor_prompts(folder: str | Path, objects: Collection[str]) -> dict[str, list[str]]:
+    """The non-empty lines of `sd_prompt_{Object}.txt` per object, without a trailing period."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.anchor_prompts folder {folder} does not exist; expected a folder of "
+                                "sd_prompt_{Object}.txt files.")
+    missing = [obj for obj in objects if not (folder / f"sd_prompt_{obj}.txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.anchor_prompts folder {folder} has no prompt file for classes {missing}; "
+                                "expected sd_prompt_{Object}.txt for each.")
+    prompts = {}
+    for obj in objects:
+        lines = (folder / f"sd_prompt_{obj}.txt").read_text(encoding="utf-8").splitlines()
+        prompts[obj] = [line.strip().removesuffix(".") for line in lines if line.strip()]
+    return prompts
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """Prompt items: every selected object × subject (template or anchor prompt) × style (and plain) × seed."""
+
+    def __init__(self, vocabulary: ConceptVocabulary | None = None, objects: list[str] | None = None,
+                 styles: list[str] | None = None, include_plain: bool = True, anchor_prompts: str | None = None,
+                 prompts_per_object: int | None = None, template: str = "An image of {object}",
+                 seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
+                 limit: int | None = None, batch_size: int = 4, num_workers: int = 0):
+        """
+        Args:
+            vocabulary: Concept names; `None` = UnlearnCanvas (20 objects, 50 styles).
+            objects: Subset of the vocabulary's objects to prompt for; `None` = all.
+            styles: Subset of the vocabulary's styles; `None` = all, `[]` = none (plain prompts only).
+            include_plain: Also prompt every subject without a style.
+            anchor_prompts: Folder of UnlearnCanvas anchor prompts (`sd_prompt_{Object}.txt`, one per line);
+                `None` = one subject per object from `template`.
+            prompts_per_object: Use the first n anchor prompts of each object (anchor mode only); `None` = all.
+            template: Subject of template-mode prompts; `{object}` is replaced by the object name.
+            seeds: Seeds per prompt: each gives its own item (and image). Published: 188.
+            shuffle: Shuffle the items once, with `shuffle_seed`, so shards mix concepts (the order stays fixed).
+            shuffle_seed: Seed of that shuffle.
+            limit: Keep only the first n items (after the shuffle: a random subset); `None` = all.
+            batch_size: Prompt items per batch and process.
+            num_workers: DataLoader worker processes.
+
+        The vocabulary of the run (`self.vocabulary`) is the selected objects and styles.
+        """
+        super().__init__()
+        vocabulary = vocabulary or UNLEARNCANVAS
+        for option, chosen, known in (("objects", objects, vocabulary.objects), ("styles", styles, vocabulary.styles)):
+            unknown = [name for name in chosen or [] if name not in known]
+            if unknown:
+                raise ValueError(f"data.{option} {unknown} are not in the vocabulary; expected some of {list(known)}.")
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"data.seeds must be a non-empty list of distinct seeds, got {list(seeds)}.")
+        for name, value in (("prompts_per_object", prompts_per_object), ("limit", limit),
+                            ("batch_size", batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value}.")
+        if prompts_per_object is not None and anchor_prompts is None:
+            raise ValueError("data.prompts_per_object selects anchor prompts; it needs data.anchor_prompts.")
+        self.vocabulary = ConceptVocabulary(
+            objects=tuple(name for name in vocabulary.objects if objects is None or name in objects),
+            styles=tuple(name for name in vocabulary.styles if styles is None or name in styles))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        subjects = self._subjects(anchor_prompts, prompts_per_object, template)
+        self.items = self._items(subjects, include_plain, seeds)
+        if shuffle:
+            random.Random(shuffle_seed).shuffle(self.items)
+        self.items = self.items[:limit]
+        if not self.items:
+            raise ValueError("The prompt selection is empty; select at least one object and a style or plain prompts.")
+        self.excluded: frozenset[str] = frozenset()
+
+    def _subjects(self, anchor_prompts: str | None, prompts_per_object: int | None,
+                  template: str) -> dict[str, list[str]]:
+        """Prompt subjects per object: its anchor prompts, or the template filled in."""
+        if anchor_prompts is None:
+            return {obj: [template.format(object=obj)] for obj in self.vocabulary.objects}
+        subjects = read_anchor_prompts(anchor_prompts, self.vocabulary.objects)
+        if prompts_per_object is not None:
+            short = {obj: len(lines) for obj, lines in subjects.items() if len(lines) < prompts_per_object}
+            if short:
+                raise ValueError(f"data.prompts_per_object={prompts_per_object} exceeds the anchor prompts of "
+                                 f"{short} (prompts per class) in {anchor_prompts}.")
+            subjects = {obj: lines[:prompts_per_object] for obj, lines in subjects.items()}
+        return subjects
+
+    def _items(self, subjects: dict[str, list[str]], include_plain: bool, seeds: tuple[int, ...]) -> list[PromptItem]:
+        styles: list[str | None] = [*self.vocabulary.styles, *([None] if include_plain else [])]
+        items = [PromptItem(prompt_id(obj, style, index, seed), styled_prompt(subject, style), obj, style, seed)
+                 for obj, lines in subjects.items() for index, subject in enumerate(lines)
+                 for style in styles for seed in seeds]
+        counts = Counter(item.prompt_id for item in items)
+        bad = sorted(i for i, count in counts.items() if count > 1 or "." in i or "/" in i)
+        if bad:
+            raise ValueError(f"Prompt ids {bad[:5]} are repeated or contain '.' or '/'; object and style names "
+                             f"must not contain '.', '/', '-' nor be {PLAIN!r}.")
+        return items
+
+    def exclude(self, prompt_ids: Collection[str]) -> int:
+        """Leave out items whose ids are in `prompt_ids` (already stored); returns how many items remain.
+        Call before the predict dataloader is built, identically in every process."""
+        self.excluded = frozenset(prompt_ids)
+        return len(self.remaining)
+
+    @property
+    def remaining(self) -> list[PromptItem]:
+        return [item for item in self.items if item.prompt_id not in self.excluded]
+
+    def predict_dataloader(self) -> DataLoader:
+        items = self.remaining
+        world_size = 1 if self.trainer is None else self.trainer.world_size
+        if 0 < len(items) < world_size:
+            raise ValueError(f"Only {len(items)} prompt items remain for {world_size} processes; every process "
+                             f"needs one, so finish with --trainer.devices={len(items)}.")
+        return DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=list)

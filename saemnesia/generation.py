@@ -1,0 +1,189 @@
+"""`HookedDiffusion`: the LightningModule of `predict` — generate images for prompt items while reading
+(capture) or rewriting (erasure) one UNet block's output.
+
+Every image gets its own noise generator seeded from `(seed, prompt_id)`, so an image does not depend on which
+other prompts share its batch, nor on the number of processes. The diffusers pipeline is a plain attribute, not
+a registered submodule: Lightning neither wraps nor broadcasts it, and the module has no parameters to train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import lightning.pytorch as pl
+import torch
+from diffusers import DiffusionPipeline
+from torch import Tensor
+
+from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
+from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype, save_tiny_pipeline
+
+CAPTURE_DTYPE = torch.float16
+"""Captured activations are kept as float16: the shard format's dtype, half the bytes to move to the host."""
+
+
+class PromptItem(NamedTuple):
+    """One image to generate."""
+
+    prompt_id: str
+    """Unique, stable id without '.' or '/' (it starts every sample key), e.g. `Bears-Cubism-007-s188`."""
+    prompt: str
+    """The text given to the pipeline."""
+    object: str
+    """Object (class) name of the vocabulary."""
+    style: str | None
+    """Style name of the vocabulary; `None` for a plain prompt."""
+    seed: int
+    """User seed; the image's noise is seeded from `(seed, prompt_id)` (see `image_seed`)."""
+
+
+class GenerationOutput(NamedTuple):
+    """What `HookedDiffusion.predict_step` returns for one batch; the callbacks decide what is written."""
+
+    items: list[PromptItem]
+    """The batch's prompt items, in order."""
+    activations: Tensor | None
+    """Captured block outputs as tokens `[B, S, H·W, C]` (float16, CPU); `None` without capture."""
+    steps: list[int]
+    """Sampling step index of each of the S captured maps."""
+    timesteps: list[int]
+    """UNet timestep of each of the S captured maps."""
+    images: Tensor
+    """Final latents `[B, 4, h, w]` (`output_type="latent"`) or images `[B, 3, H, W]` in [0, 1] (`"image"`), CPU."""
+
+
+class Eraser(Protocol):
+    """What `HookedDiffusion` needs of an eraser (e.g. `saemnesia.unlearning.ConceptEraser`). It must also carry
+    its SAE as `.sae`, whose `d_in` is checked against the hookpoint's channels."""
+
+    def apply(self, hidden: Tensor, step: int) -> Tensor:
+        """The erased block output `[B, C, H, W]` at sampling step `step`."""
+
+    def check_steps(self, num_steps: int) -> None:
+        """Raise unless the eraser's statistics were computed with `num_steps` sampling steps."""
+
+
+@dataclass
+class CaptureConfig:
+    """Which block outputs a generation keeps (the hookpoint is `HookedDiffusion.hookpoint`)."""
+
+    halves: Literal["cond", "uncond"] = "cond"
+    """Classifier-free guidance half to keep. Published caching keeps only the conditional half."""
+    every: int = 1
+    """Keep every n-th sampling step (steps 0, n, 2n, …): subsampling steps divides the data size by n."""
+    steps: list[int] | None = None
+    """Keep only these step indices (and only those that `every` keeps); `None` keeps all."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"model.capture.every must be a positive step interval, got {self.every}.")
+
+    def new_capture(self) -> ActivationCapture:
+        """A fresh capture for one generation, keeping float16 tokens on the CPU."""
+        return ActivationCapture(halves=self.halves, steps=self.steps, every=self.every, device="cpu",
+                                 dtype=CAPTURE_DTYPE)
+
+
+def image_seed(seed: int, prompt_id: str) -> int:
+    """The seed of one image's noise: a 63-bit digest of `(seed, prompt_id)`, identical in every process
+    (unlike Python's salted `hash`)."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class HookedDiffusion(pl.LightningModule):
+    """Generates a batch of prompt items with a local diffusers pipeline, capturing and/or erasing at a hookpoint."""
+
+    def __init__(self, pipeline: str, hookpoint: str = "unet.up_blocks.1.attentions.1",
+                 capture: CaptureConfig | None = None, eraser: Eraser | None = None, num_steps: int = 50,
+                 guidance_scale: float = 9.0, height: int = 512, width: int = 512,
+                 output_type: Literal["latent", "image"] = "latent", dtype: str = "float32",
+                 scheduler: SchedulerChoice = "ddim", build_tiny_if_missing: bool = False):
+        """
+        Args:
+            pipeline: Local diffusers pipeline folder (SD 1.x/2.x or SDXL), loaded with `load_pipeline`.
+            hookpoint: Block whose output is captured and/or erased, e.g. `unet.up_blocks.1.attentions.1`.
+            capture: What to capture; `None` generates without capturing.
+            eraser: Rewrites the hookpoint's output at every UNet call, both CFG halves (SPEC §4); capture then
+                sees the erased output, as the rest of the UNet does.
+            num_steps: Sampling steps T. Published: 50 (caching), 100 (statistics and evaluation).
+            guidance_scale: Classifier-free guidance scale. Published: 9.0.
+            height: Image height in pixels (a multiple of 8). Published: 512.
+            width: Image width in pixels (a multiple of 8). Published: 512.
+            output_type: Return final `latent`s (no VAE decode: cheapest) or decoded `image`s.
+            dtype: Pipeline weights dtype, e.g. `float16` on a GPU.
+            scheduler: `ddim` (published) or `keep` the folder's scheduler.
+            build_tiny_if_missing: Build a tiny random-weight pipeline (`save_tiny_pipeline`) at `pipeline` when the
+                folder does not exist; for the toy configs until a trained toy model is shipped.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["eraser"])
+        resolve_dtype(dtype)  # a bad name fails here, not after the pipeline loaded
+        if num_steps < 1:
+            raise ValueError(f"model.num_steps must be a positive number of sampling steps, got {num_steps}.")
+        if height % 8 or width % 8 or height < 8 or width < 8:
+            raise ValueError(f"model.height and model.width must be positive multiples of 8, got {height}×{width}.")
+        if capture is not None:
+            outside = [step for step in capture.steps or [] if not 0 <= step < num_steps]
+            if outside:
+                raise ValueError(f"model.capture.steps {outside} lie outside 0..{num_steps - 1} (model.num_steps).")
+            if not any(capture.new_capture().keeps(step) for step in range(num_steps)):
+                raise ValueError(f"model.capture keeps no step: none of {capture.steps} is a multiple of "
+                                 f"capture.every={capture.every}.")
+        if eraser is not None:
+            eraser.check_steps(num_steps)
+        self.capture = capture
+        self.eraser = eraser
+        self.pipe: DiffusionPipeline | None = None
+
+    def prepare_data(self) -> None:
+        """Build the tiny pipeline when asked to and missing. Lightning runs this once per node before `setup`."""
+        folder = Path(self.hparams.pipeline)
+        if self.hparams.build_tiny_if_missing and not folder.exists():
+            save_tiny_pipeline(folder)
+
+    def setup(self, stage: str) -> None:
+        """Load the pipeline onto this process's device (which Lightning sets before `setup`)."""
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.hparams.pipeline, scheduler=self.hparams.scheduler,
+                                      dtype=self.hparams.dtype, device=self.device)
+            resolve_hookpoint(self.pipe, self.hparams.hookpoint)  # an unknown hookpoint fails before generating
+
+    def _on_block_output(self, capture: ActivationCapture | None, hidden: Tensor,
+                         context: HookContext) -> Tensor | None:
+        if self.eraser is not None:
+            if hidden.shape[1] != self.eraser.sae.d_in:
+                raise ValueError(f"Hookpoint {context.hookpoint} outputs {hidden.shape[1]} channels but the eraser's "
+                                 f"SAE has d_in={self.eraser.sae.d_in}; use the SAE trained at this hookpoint.")
+            hidden = self.eraser.apply(hidden, context.step)
+        if capture is not None:
+            capture(hidden, context)
+        return hidden if self.eraser is not None else None
+
+    @torch.no_grad()
+    def generate(self, items: list[PromptItem]) -> GenerationOutput:
+        """Generate one batch of prompt items (call `setup` first when not run by a Trainer)."""
+        if self.pipe is None:
+            raise RuntimeError("HookedDiffusion.generate needs the pipeline: call setup('predict') first.")
+        # CPU generators: the noise is also independent of the device (diffusers moves it after drawing).
+        generators = [torch.Generator().manual_seed(image_seed(item.seed, item.prompt_id)) for item in items]
+        capture = self.capture.new_capture() if self.capture is not None else None
+        hooked = capture is not None or self.eraser is not None
+        on_output = partial(self._on_block_output, capture)
+        with hook_block(self.pipe, self.hparams.hookpoint, on_output) if hooked else nullcontext():
+            images = self.pipe([item.prompt for item in items], num_inference_steps=self.hparams.num_steps,
+                               guidance_scale=self.hparams.guidance_scale, height=self.hparams.height,
+                               width=self.hparams.width, generator=generators,
+                               output_type="latent" if self.hparams.output_type == "latent" else "pt").images
+        steps = sorted(capture.tokens) if capture is not None else []
+        return GenerationOutput(items=list(items), activations=capture.stack() if capture is not None else None,
+                                steps=steps, timesteps=[int(self.pipe.scheduler.timesteps[step]) for step in steps],
+                                images=images.float().cpu())
+
+    def predict_step(self, batch: list[PromptItem], batch_idx: int, dataloader_idx: int = 0) -> GenerationOutput:
+        return self.generate(batch)
