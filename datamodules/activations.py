@@ -94,15 +94,62 @@ def step_is_kept(sample: dict, steps: frozenset[int]) -> bool:
     return sample["step"] in steps
 
 
-def split_tokens(samples: Iterator[dict]) -> Iterator[np.ndarray]:
-    """Each sample's N tokens as separate rows; copies, so a shuffle buffer does not pin whole samples."""
-    for sample in samples:
-        yield from (row.copy() for row in sample["act"])
+class TokenReader:
+    """Reads the tokens of a stream of maps `[N, d]` in chunks of any size."""
+
+    def __init__(self, maps: Iterator[np.ndarray], width: int):
+        self.maps, self.width = maps, width
+        self.leftover: np.ndarray | None = None
+
+    def take(self, count: int) -> np.ndarray:
+        """The next `count` tokens `[count, d]`; fewer (down to none) when the stream ends."""
+        parts = [] if self.leftover is None else [self.leftover]
+        held = sum(len(part) for part in parts)
+        while held < count and (act := next(self.maps, None)) is not None:
+            parts.append(act)
+            held += len(act)
+        tokens = np.concatenate(parts) if parts else np.empty((0, self.width), np.float16)  # [held, d]
+        self.leftover = tokens[count:] if held > count else None
+        return tokens[:count]
+
+
+def token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: int,
+                  rng: np.random.Generator | None, partial_batches: bool) -> Iterator[dict]:
+    """Batches of `batch_size` single tokens from the samples' maps.
+
+    With `rng`, each batch is drawn at random from a pool of `buffer` tokens and its slots are refilled with the
+    next tokens: a shuffle buffer working on whole arrays (a per-token Python buffer costs more than training
+    a small SAE). Without, tokens come in stream order. The stream's last tokens end in one partial batch when
+    `partial_batches`.
+    """
+    reader = TokenReader((sample["act"] for sample in samples), width)
+    if rng is None:
+        while len(batch := reader.take(batch_size)) == batch_size or (partial_batches and len(batch) > 0):
+            yield collate_tokens(batch)
+        return
+    pool = reader.take(max(buffer, batch_size))  # [P, d]
+    while len(pool) >= batch_size:
+        chosen = rng.choice(len(pool), size=batch_size, replace=False)
+        batch, fresh = pool[chosen], reader.take(batch_size)  # [batch_size, d] each, unless the stream ended
+        if len(fresh) == batch_size:
+            pool[chosen] = fresh
+        else:  # the stream ended: the pool drains in random order
+            pool = np.concatenate([np.delete(pool, chosen, axis=0), fresh])
+        yield collate_tokens(batch)
+    if partial_batches and len(pool) > 0:
+        yield collate_tokens(pool[rng.permutation(len(pool))])
 
 
 def seeded_shuffle(items: Iterator, buffer: int, seed: int, epoch: int, rank: int) -> Iterator:
     """Webdataset's buffer shuffle, seeded per worker (the worker id is only known inside the worker)."""
     return wds.shuffle(buffer, initial=buffer, seed=stream_seed(seed, epoch, rank, stage=1))(items)
+
+
+def seeded_token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: int, seed: int, epoch: int,
+                         rank: int) -> Iterator[dict]:
+    """`token_batches` drawn with this worker's generator (the worker id is only known inside the worker)."""
+    rng = np.random.default_rng(stream_seed(seed, epoch, rank, stage=1))
+    return token_batches(samples, batch_size, width, buffer, rng, partial_batches=False)
 
 
 def take_worker_share(batches: Iterator, total: int) -> Iterator:
@@ -120,8 +167,8 @@ def collate_samples(samples: list[dict]) -> dict:
             "key": [s["key"] for s in samples]}
 
 
-def collate_tokens(rows: list[np.ndarray]) -> dict:
-    return {"act": torch.from_numpy(np.stack(rows)).float()}  # [batch_size, d]
+def collate_tokens(tokens: np.ndarray) -> dict:
+    return {"act": torch.from_numpy(tokens).float()}  # [batch_size, d]
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -224,18 +271,25 @@ class ActivationDataModule(pl.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _samples_and_batches(self, shard_source: list, shuffle: list, finite: bool) -> list:
-        """Stages from opened shards to collated batches; `shuffle` is inserted at the sample or token level."""
+    def _samples_and_batches(self, shard_source: list, epoch: int | None) -> list:
+        """Stages from opened shards to collated batches, shuffled with the stream of `epoch` unless it is None
+        (validation: a finite pass in order)."""
         expected = {record.name: record.num_samples for record in self.manifest.shards}
         shape = (self.tokens_per_sample, self.d_in)
         stages = [*shard_source, partial(read_shards, expected=expected), wds.decode(),
                   wds.map(partial(label_sample, vocabulary=self.vocabulary, shape=shape))]
         if self.steps is not None:
             stages.append(wds.select(partial(step_is_kept, steps=self.steps)))
+        rank, _ = self._rank_and_world()
+        stream = dict(seed=self.seed, epoch=epoch, rank=rank)
+        if self.token_level and epoch is None:
+            return [*stages, partial(token_batches, batch_size=self.batch_size, width=self.d_in, buffer=0, rng=None,
+                                     partial_batches=True)]
         if self.token_level:
-            stages.append(split_tokens)
-        collate = collate_tokens if self.token_level else collate_samples
-        return [*stages, *shuffle, wds.batched(self.batch_size, collation_fn=collate, partial=finite)]
+            return [*stages, partial(seeded_token_batches, batch_size=self.batch_size, width=self.d_in,
+                                     buffer=self.shuffle_buffer, **stream)]
+        shuffle = [] if epoch is None else [partial(seeded_shuffle, buffer=self.shuffle_buffer, **stream)]
+        return [*stages, *shuffle, wds.batched(self.batch_size, collation_fn=collate_samples, partial=epoch is None)]
 
     def _loader(self, pipeline: wds.DataPipeline) -> DataLoader:
         # Batches are made in the pipeline; fresh workers per epoch keep each epoch's stream seeded by its epoch.
@@ -248,8 +302,7 @@ class ActivationDataModule(pl.LightningDataModule):
                            "trainer.reload_dataloaders_every_n_epochs=1 or every epoch repeats the first one's data.")
         rank, _ = self._rank_and_world()
         shards = partial(resample_shards, self.train_urls, self.seed, epoch, rank)
-        shuffle = [partial(seeded_shuffle, buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch, rank=rank)]
-        stages = self._samples_and_batches([shards], shuffle, finite=False)
+        stages = self._samples_and_batches([shards], epoch)
         return self._loader(wds.DataPipeline(*stages, partial(take_worker_share, total=self.steps_per_epoch)))
 
     def val_dataloader(self) -> DataLoader | list:
@@ -260,7 +313,7 @@ class ActivationDataModule(pl.LightningDataModule):
             raise ValueError(f"{len(self.val_urls)} validation shards cannot give each of the {world} processes one; "
                              "raise data.val_shards or data.val_fraction.")
         shards = [wds.SimpleShardList(self.val_urls[rank::world]), wds.split_by_worker]
-        stages = self._samples_and_batches(shards, [], finite=True)
+        stages = self._samples_and_batches(shards, epoch=None)
         if self.val_batches is not None:
             stages.append(partial(take_worker_share, total=self.val_batches))
         return self._loader(wds.DataPipeline(*stages))

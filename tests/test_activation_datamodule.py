@@ -258,3 +258,24 @@ def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, keep_byte
     data.train_urls = [str(shard)]  # read only the damaged shard
     with pytest.raises(ValueError, match=f"Shard {shard} {message}"):
         list(data.train_dataloader())
+
+
+def test_token_pool_emits_every_token_once_in_mixed_batches():
+    import numpy as np
+
+    from datamodules.activations import token_batches
+
+    maps = [np.full((4, 2), value, dtype=np.float16) + np.arange(4, dtype=np.float16)[:, None] * 0.25
+            for value in range(10)]  # 10 samples × 4 distinct tokens
+    samples = ({"act": act} for act in maps)
+    batches = list(token_batches(samples, batch_size=6, width=2, buffer=12, rng=np.random.default_rng(0),
+                                 partial_batches=True))
+    assert [len(b["act"]) for b in batches] == [6] * 6 + [4]
+    emitted = sorted(map(tuple, torch.cat([b["act"] for b in batches]).tolist()))
+    assert emitted == sorted(map(tuple, np.concatenate(maps).astype(np.float32).tolist()))
+    in_order = np.concatenate(maps).astype(np.float32)
+    assert not np.array_equal(torch.cat([b["act"] for b in batches]).numpy(), in_order)  # shuffled
+    # Without a generator the tokens come in stream order, the last batch partial.
+    ordered = list(token_batches(({"act": act} for act in maps), batch_size=6, width=2, buffer=0, rng=None,
+                                 partial_batches=True))
+    assert np.array_equal(torch.cat([b["act"] for b in ordered]).numpy(), in_order) and len(ordered[-1]["act"]) == 4
