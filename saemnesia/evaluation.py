@@ -1,0 +1,215 @@
+"""`UnlearningEvaluator`: the LightningModule of `test` — classify generated images, report UA / IRA / CRA.
+
+Each batch of an `ImageFolderDataModule` goes through the object and the style classifier; the predictions only
+move counters (`UnlearningCounts`, summed over DDP ranks), so 1 and N processes report the same numbers. At the
+end, global rank 0 writes `results.json` (fractions) and `results.md` (percentages) to `output_dir` and logs the
+scores, confusion matrices and sample grids (the unerased image next to the erased one, same prompt) to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.images import ImageRecord, load_image
+from saemnesia.classifiers import ClassifierConfig, load_classifier
+from saemnesia.io import atomic_write_text
+from saemnesia.metrics import NO_ERASURE, AccuracyTable, UnlearningCounts, summarize
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+THUMBNAIL = 128
+"""Side of the images in sample grids (pixels)."""
+
+
+class UnlearningEvaluator(pl.LightningModule):
+    """Scores the images of an unlearning run with an object and a style classifier (SPEC §6)."""
+
+    def __init__(self, object_classifier: ClassifierConfig, style_classifier: ClassifierConfig,
+                 output_dir: str = "runs/evaluate", sample_prompts: int = 4, log_confusion: bool = True):
+        """
+        Args:
+            object_classifier: Names the object (class) of an image; its labels must include every object.
+            style_classifier: Names the style of an image; its labels must include every style.
+            output_dir: Where `results.json` and `results.md` are written.
+            sample_prompts: Prompts per target in the TensorBoard sample grids (0 = no grids).
+            log_confusion: Log each target's row-normalised confusion matrices as TensorBoard images.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        # Under LightningCLI `hparams` keep the configs as given (plain dicts); the objects are kept here.
+        self.classifier_configs = {"object": object_classifier, "style": style_classifier}
+        self.output_dir = Path(output_dir)
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if not hasattr(data, "erased_by_target"):
+            raise ValueError("UnlearningEvaluator needs an image data module (data.class_path: "
+                             "datamodules.images.ImageFolderDataModule).")
+        self.data = data
+        self.object_classifier = load_classifier(self.classifier_configs["object"], "model.object_classifier")
+        self.style_classifier = load_classifier(self.classifier_configs["style"], "model.style_classifier")
+        self.targets = list(data.erased_by_target)
+        self.target_index = {name: i for i, name in enumerate(self.targets)}
+        self.object_index = {name: i for i, name in enumerate(self.object_classifier.labels)}
+        self.style_index = {name: i for i, name in enumerate(self.style_classifier.labels)}
+        # Checked before classifying thousands of images, not when the report is due.
+        for option, names, labels, where in (
+                ("objects", {record.object for record in data.records}, self.object_index, "model.object_classifier"),
+                ("styles", {record.style for record in data.records} - {None}, self.style_index,
+                 "model.style_classifier"),
+                ("erased concepts", {name for names in data.erased_by_target.values() for name in names},
+                 self.object_index.keys() | self.style_index.keys(), "either classifier")):
+            unknown = sorted(names - set(labels))
+            if unknown:
+                raise ValueError(f"The images' {option} {unknown} are not labels of {where}.")
+        self.counts = UnlearningCounts(len(self.targets), len(self.object_index), len(self.style_index))
+
+    def test_step(self, batch: tuple[Tensor, list[ImageRecord]], batch_idx: int) -> None:
+        images, records = batch
+        pred_object = self.object_classifier(images).argmax(dim=1)  # [B]
+        pred_style = self.style_classifier(images).argmax(dim=1)  # [B]
+        plain = len(self.style_index)
+        self.counts.update(
+            torch.tensor([self.target_index[record.target] for record in records], device=self.device),
+            torch.tensor([self.object_index[record.object] for record in records], device=self.device),
+            torch.tensor([plain if record.style is None else self.style_index[record.style] for record in records],
+                         device=self.device),
+            pred_object, pred_style)
+
+    def on_test_epoch_end(self) -> None:
+        table = AccuracyTable(self.targets, self.object_classifier.labels, self.style_classifier.labels,
+                              self.counts.compute())  # summed over ranks: identical on every rank
+        results = self.results(table)
+        means, per_target = scalars(results)
+        for name, value in means.items():
+            self.log(name, value, sync_dist=True)  # the same value on every rank: the reduction changes nothing
+        if self.trainer.is_global_zero:
+            write_report(self.output_dir, results)
+            if self.logger is not None:  # per-target scores go to the logger only, not to the console summary
+                self.logger.log_metrics(per_target, step=0)
+            self.log_images(table)
+
+    def results(self, table: AccuracyTable) -> dict[str, Any]:
+        images = table.counts.images.sum(dim=(1, 2))  # [T]
+        return {
+            "images": int(images.sum()),
+            "root": str(self.data.root),
+            "params": self.data.params,
+            "generation": self.data.settings,
+            "classifiers": {kind: config.checkpoint for kind, config in self.classifier_configs.items()},
+            "targets": {target: {"erased": self.data.erased_by_target[target], "images": int(images[t])}
+                        for t, target in enumerate(self.targets)},
+            **summarize(table, self.data.erased_by_target),
+        }
+
+    def log_images(self, table: AccuracyTable) -> None:
+        writer = getattr(self.logger, "experiment", None)
+        if not hasattr(writer, "add_image"):  # only TensorBoard takes images
+            return
+        for t, target in enumerate(self.targets):
+            if self.hparams.log_confusion:
+                writer.add_image(f"confusion/object/{target}", render_matrix(table.counts.object_confusion[t]))
+                writer.add_image(f"confusion/style/{target}", render_matrix(table.counts.style_confusion[t]))
+            if target != NO_ERASURE and self.hparams.sample_prompts > 0:
+                grid = self.sample_grid(target)
+                if grid is not None:
+                    writer.add_image(f"samples/{target}", grid)
+
+    def sample_grid(self, target: str) -> Tensor | None:
+        """Rows of (unerased image, erased image) for the first prompts `target` shares with the reference."""
+        reference = {record.prompt_id: record for record in self.data.records if record.target == NO_ERASURE}
+        pairs = [(reference[record.prompt_id], record) for record in self.data.records
+                 if record.target == target and record.prompt_id in reference][:self.hparams.sample_prompts]
+        if not pairs:
+            return None
+        tiles = [F.interpolate(load_image(self.data.root / record.file)[None].float(), size=(THUMBNAIL, THUMBNAIL),
+                               mode="bilinear", antialias=True)[0] for pair in pairs for record in pair]
+        rows = torch.stack(tiles).view(len(pairs), 2, 3, THUMBNAIL, THUMBNAIL)  # [P, 2, 3, t, t]
+        grid = rows.permute(2, 0, 3, 1, 4).reshape(3, len(pairs) * THUMBNAIL, 2 * THUMBNAIL)  # [3, P·t, 2t]
+        return (grid / 255).clamp(0, 1)
+
+
+def render_matrix(confusion: Tensor, cell: int = 8) -> Tensor:
+    """A confusion matrix `[K, K]` as a greyscale image `[3, K·cell, K·cell]`: rows (true labels, in label order)
+    normalised to sum 1, black = 1, white = 0; rows without images stay white."""
+    rows = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)  # [K, K]
+    pixels = (1 - rows).float().repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # [K·cell, K·cell]
+    return pixels.expand(3, -1, -1)
+
+
+def scalars(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """The scores to log: the means of each kind and the reference accuracies; the per-target scores."""
+    means, per_target = {}, {}
+    for kind in ("objects", "styles"):
+        if results[kind] is not None:
+            means |= {f"test/{kind}/{key}": results[kind][key] for key in ("UA", "IRA", "CRA")}
+            per_target |= {f"test/{kind}/{key}/{target}": scores[key]
+                           for target, scores in results[kind]["per_target"].items() for key in ("UA", "IRA", "CRA")}
+    for row in results["sequential"]:
+        per_target |= {f"test/sequential/{key}/{row['target']}": row[key] for key in ("UA", "IRA", "CRA")}
+    if results["reference"] is not None:
+        means |= {f"test/reference/{key}": results["reference"][key] for key in ("object_accuracy", "style_accuracy")}
+    return tuple({name: value for name, value in values.items() if not math.isnan(value)}
+                 for values in (means, per_target))
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a mean over nothing) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _no_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(item) for item in value]
+    return value
+
+
+def _cells(scores: dict[str, Any], bold: bool = False) -> str:
+    """`UA | IRA | CRA` in %, a dash for a score over nothing."""
+    cells = ("–" if scores[key] is None else f"{100 * scores[key]:.2f}" for key in ("UA", "IRA", "CRA"))
+    return " | ".join(f"**{cell}**" if bold else cell for cell in cells)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """`results.md`: per-target rows and the mean of each kind of erasure, the reference accuracies, in %."""
+    lines = ["# Unlearning evaluation", "",
+             f"{results['images']} images of {len(results['targets'])} targets in `{results['root']}`; "
+             "scores in %.", ""]
+    if results["params"] is not None:
+        lines += [f"Erasing parameters: `{json.dumps(results['params'])}`", ""]
+    for kind, title in (("objects", "Object unlearning"), ("styles", "Style unlearning")):
+        section = results[kind]
+        if section is not None:
+            lines += [f"## {title} ({len(section['per_target'])} targets)", "",
+                      "| target | UA ↑ | IRA ↑ | CRA ↑ |", "|---|---:|---:|---:|"]
+            lines += [f"| {target} | {_cells(scores)} |" for target, scores in section["per_target"].items()]
+            lines += [f"| **mean** | {_cells(section, bold=True)} |", ""]
+    if results["sequential"]:
+        lines += ["## Sequential unlearning", "", "| target | erased | UA ↑ | IRA ↑ | CRA ↑ |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row['target']} | {len(row['erased'])} | {_cells(row)} |" for row in results["sequential"]]
+        lines.append("")
+    reference = results["reference"]
+    if reference is not None:
+        accuracies = {key: "–" if reference[key] is None else f"{100 * reference[key]:.2f}"
+                      for key in ("object_accuracy", "style_accuracy")}
+        lines += [f"## Reference: no erasure (`{reference['target']}`)", "",
+                  f"Object accuracy {accuracies['object_accuracy']}, style accuracy {accuracies['style_accuracy']} "
+                  "(means over classes and styles).", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, results: dict[str, Any]) -> None:
+    """`results.json` and `results.md` in `folder`, each written atomically."""
+    results = _no_nan(results)
+    atomic_write_text(folder / RESULTS_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(folder / RESULTS_MD, render_markdown(results))
