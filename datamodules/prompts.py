@@ -1,8 +1,13 @@
-"""`PromptDataModule`: the prompt items of a `predict` run (SPEC §6, §8), in a fixed order.
+"""`PromptDataModule`: the prompt items of a `predict` run (SPEC §5, §6, §8), in a fixed order.
 
 Prompts come from a template (`"An image of {object}"`) or from anchor-prompt files (UnlearnCanvas layout: one
 prompt per line in `sd_prompt_{Object}.txt`), each rendered with every selected style and plainly:
-`"{subject} in {Style with spaces} style."` and `"{subject}."`, as SPEC §6 and the reference caching do.
+`"{subject} in {Style with spaces} style."` and `"{subject}."`, as SPEC §6 and the reference caching do. The
+multiplier search's validation set pairs anchor prompt i with style i instead (`pairing="anchor_i_style_i"`).
+
+Unlearning runs repeat the prompts once per erasure target (`targets`, `sequential`): each copy carries the concepts
+to erase and the target's label, and keeps the prompt id, so a prompt starts from the same noise under every target.
+Items are ordered target by target, so that most batches erase one set.
 
 Under DDP Lightning's predict sampler deals items round-robin without padding (`UnrepeatedDistributedSampler`),
 so no item is generated twice. `exclude` drops items that an earlier, interrupted run already stored.
@@ -12,17 +17,24 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from operator import attrgetter
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary
-from saemnesia.generation import PromptItem
+from saemnesia.generation import NO_ERASURE, PromptItem
 
 PLAIN = "plain"
 """Stands for the missing style in prompt ids."""
+
+
+def sequential_target(count: int) -> str:
+    """Label of sequential unlearning's erased set "the first `count` concepts of the order", e.g. `first_03`."""
+    return f"first_{count:02d}"
 
 
 def styled_prompt(subject: str, style: str | None) -> str:
@@ -55,13 +67,16 @@ def read_anchor_prompts(folder: str | Path, objects: Collection[str]) -> dict[st
 
 
 class PromptDataModule(pl.LightningDataModule):
-    """Prompt items: every selected object × subject (template or anchor prompt) × style (and plain) × seed."""
+    """Prompt items: every erasure target × selected object × subject (template or anchor prompt) × style (and
+    plain) × seed."""
 
     def __init__(self, vocabulary: ConceptVocabulary | None = None, objects: list[str] | None = None,
                  styles: list[str] | None = None, include_plain: bool = True, anchor_prompts: str | None = None,
                  prompts_per_object: int | None = None, template: str = "An image of {object}",
                  seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
-                 limit: int | None = None, batch_size: int = 4, num_workers: int = 0):
+                 limit: int | None = None, pairing: Literal["all", "anchor_i_style_i"] = "all",
+                 targets: list[str] | None = None, sequential: list[str] | None = None,
+                 sequential_steps: list[int] | None = None, batch_size: int = 4, num_workers: int = 0):
         """
         Args:
             vocabulary: Concept names; `None` = UnlearnCanvas (20 objects, 50 styles).
@@ -73,9 +88,17 @@ class PromptDataModule(pl.LightningDataModule):
             prompts_per_object: Use the first n anchor prompts of each object (anchor mode only); `None` = all.
             template: Subject of template-mode prompts; `{object}` is replaced by the object name.
             seeds: Seeds per prompt: each gives its own item (and image). Published: 188.
-            shuffle: Shuffle the items once, with `shuffle_seed`, so shards mix concepts (the order stays fixed).
+            shuffle: Shuffle the prompts once, with `shuffle_seed`, so shards mix concepts (the order stays fixed;
+                with several targets every target gets the same order).
             shuffle_seed: Seed of that shuffle.
             limit: Keep only the first n items (after the shuffle: a random subset); `None` = all.
+            pairing: `all` renders every subject with every style; `anchor_i_style_i` renders subject i of each
+                object with style i only (the multiplier search's validation set, SPEC §5), plus plain if asked.
+            targets: Erasure targets, each repeating every prompt with that concept erased (SPEC §6: every object,
+                or every style for style unlearning); `none` repeats them without erasure (the baseline).
+                `None` (and no `sequential`): one copy without erasure, as caching and statistics want.
+            sequential: Order of sequential unlearning; target `first_{n:02d}` erases its first n concepts at once.
+            sequential_steps: The n values of `sequential`, e.g. `[1, 2, 4, 8]`.
             batch_size: Prompt items per batch and process.
             num_workers: DataLoader worker processes.
 
@@ -95,18 +118,23 @@ class PromptDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
         if prompts_per_object is not None and anchor_prompts is None:
             raise ValueError("data.prompts_per_object selects anchor prompts; it needs data.anchor_prompts.")
+        if pairing not in ("all", "anchor_i_style_i"):
+            raise ValueError(f"data.pairing must be 'all' or 'anchor_i_style_i', got {pairing!r}.")
+        erasures = erasure_targets(vocabulary, targets, sequential, sequential_steps)
         self.vocabulary = ConceptVocabulary(
             objects=tuple(name for name in vocabulary.objects if objects is None or name in objects),
             styles=tuple(name for name in vocabulary.styles if styles is None or name in styles))
         self.batch_size, self.num_workers = batch_size, num_workers
         subjects = self._subjects(anchor_prompts, prompts_per_object, template)
-        self.items = self._items(subjects, include_plain, seeds)
+        prompts = self._items(subjects, include_plain, seeds, pairing)
         if shuffle:
-            random.Random(shuffle_seed).shuffle(self.items)
-        self.items = self.items[:limit]
+            random.Random(shuffle_seed).shuffle(prompts)
+        self.items = [item._replace(erase=erase, target=target) for target, erase in erasures.items()
+                      for item in prompts][:limit]
         if not self.items:
             raise ValueError("The prompt selection is empty; select at least one object and a style or plain prompts.")
         self.excluded: frozenset[str] = frozenset()
+        self.exclusion_key: Callable[[PromptItem], str] = attrgetter("prompt_id")
 
     def _subjects(self, anchor_prompts: str | None, prompts_per_object: int | None,
                   template: str) -> dict[str, list[str]]:
@@ -122,11 +150,17 @@ class PromptDataModule(pl.LightningDataModule):
             subjects = {obj: lines[:prompts_per_object] for obj, lines in subjects.items()}
         return subjects
 
-    def _items(self, subjects: dict[str, list[str]], include_plain: bool, seeds: tuple[int, ...]) -> list[PromptItem]:
-        styles: list[str | None] = [*self.vocabulary.styles, *([None] if include_plain else [])]
+    def _items(self, subjects: dict[str, list[str]], include_plain: bool, seeds: tuple[int, ...],
+               pairing: str) -> list[PromptItem]:
+        plain: list[str | None] = [None] if include_plain else []
+        styles, paired = self.vocabulary.styles, pairing == "anchor_i_style_i"
+        most = max(map(len, subjects.values()), default=0)
+        if paired and most > len(styles):
+            raise ValueError(f"data.pairing=anchor_i_style_i pairs prompt i with style i, but {most} prompts per "
+                             f"object exceed the {len(styles)} styles; lower data.prompts_per_object.")
         items = [PromptItem(prompt_id(obj, style, index, seed), styled_prompt(subject, style), obj, style, seed)
                  for obj, lines in subjects.items() for index, subject in enumerate(lines)
-                 for style in styles for seed in seeds]
+                 for style in [*(styles[index:index + 1] if paired else styles), *plain] for seed in seeds]
         counts = Counter(item.prompt_id for item in items)
         bad = sorted(i for i, count in counts.items() if count > 1 or "." in i or "/" in i)
         if bad:
@@ -134,15 +168,16 @@ class PromptDataModule(pl.LightningDataModule):
                              f"must not contain '.', '/', '-' nor be {PLAIN!r}.")
         return items
 
-    def exclude(self, prompt_ids: Collection[str]) -> int:
-        """Leave out items whose ids are in `prompt_ids` (already stored); returns how many items remain.
-        Call before the predict dataloader is built, identically in every process."""
-        self.excluded = frozenset(prompt_ids)
+    def exclude(self, stored: Collection[str], key: Callable[[PromptItem], str] = attrgetter("prompt_id")) -> int:
+        """Leave out items whose `key` (by default the prompt id; an image writer passes the item's file name) is in
+        `stored`; returns how many items remain. Call before the predict dataloader is built, identically in every
+        process."""
+        self.excluded, self.exclusion_key = frozenset(stored), key
         return len(self.remaining)
 
     @property
     def remaining(self) -> list[PromptItem]:
-        return [item for item in self.items if item.prompt_id not in self.excluded]
+        return [item for item in self.items if self.exclusion_key(item) not in self.excluded]
 
     def predict_dataloader(self) -> DataLoader:
         items = self.remaining
@@ -152,3 +187,28 @@ class PromptDataModule(pl.LightningDataModule):
                              f"needs one, so finish with --trainer.devices={len(items)}.")
         return DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=list)
+
+
+def erasure_targets(vocabulary: ConceptVocabulary, targets: list[str] | None, sequential: list[str] | None,
+                    sequential_steps: list[int] | None) -> dict[str, tuple[str, ...]]:
+    """Target label → concepts erased, in generation order: each of `targets`, then `first_{n:02d}` per
+    `sequential_steps`; only `{"none": ()}` when neither is given."""
+    known = vocabulary.concepts
+    for option, names, allowed in (("targets", targets or [], [*known, NO_ERASURE]),
+                                   ("sequential", sequential or [], known)):
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise ValueError(f"data.{option} {unknown} are not concepts of the vocabulary; expected some of {allowed}.")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.{option} repeats {repeated}; name each concept once.")
+    if (sequential is None) != (sequential_steps is None):
+        raise ValueError("data.sequential (the order) and data.sequential_steps (how many of it to erase) go together.")
+    if sequential_steps is not None:
+        outside = [n for n in sequential_steps if not 1 <= n <= len(sequential)]
+        if outside or len(set(sequential_steps)) != len(sequential_steps):
+            raise ValueError(f"data.sequential_steps must be distinct counts in 1..{len(sequential)} (the length of "
+                             f"data.sequential), got {sequential_steps}.")
+    erasures = {name: () if name == NO_ERASURE else (name,) for name in targets or []}
+    erasures |= {sequential_target(n): tuple(sequential[:n]) for n in sequential_steps or []}
+    return erasures or {NO_ERASURE: ()}

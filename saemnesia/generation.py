@@ -2,8 +2,10 @@
 (capture) or rewriting (erasure) one UNet block's output.
 
 Every image gets its own noise generator seeded from `(seed, prompt_id)`, so an image does not depend on which
-other prompts share its batch, nor on the number of processes. The diffusers pipeline is a plain attribute, not
-a registered submodule: Lightning neither wraps nor broadcasts it, and the module has no parameters to train.
+other prompts share its batch, nor on the number of processes, nor on what is erased. Each item names the concepts
+erased while it is generated (`PromptItem.erase`); a batch mixing erased sets is generated one set at a time.
+The diffusers pipeline and the erasure SAE are plain attributes, not registered submodules: Lightning neither wraps
+nor broadcasts them, and the module has no parameters to train.
 """
 
 from __future__ import annotations
@@ -13,18 +15,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
+from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
 from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype, save_tiny_pipeline
+from saemnesia.unlearning import ConceptEraser
 
 CAPTURE_DTYPE = torch.float16
 """Captured activations are kept as float16: the shard format's dtype, half the bytes to move to the host."""
+
+NO_ERASURE = "none"
+"""Target label of an item generated without erasure (its image folder in unlearning runs)."""
 
 
 class PromptItem(NamedTuple):
@@ -40,6 +47,10 @@ class PromptItem(NamedTuple):
     """Style name of the vocabulary; `None` for a plain prompt."""
     seed: int
     """User seed; the image's noise is seeded from `(seed, prompt_id)` (see `image_seed`)."""
+    erase: tuple[str, ...] = ()
+    """Concepts erased while generating this image (SPEC §4), in erasing order; `()` generates without erasure."""
+    target: str = NO_ERASURE
+    """Label of the erased set, the image's folder: a concept name, `first_03` (sequential) or `none`."""
 
 
 class GenerationOutput(NamedTuple):
@@ -55,17 +66,6 @@ class GenerationOutput(NamedTuple):
     """UNet timestep of each of the S captured maps."""
     images: Tensor
     """Final latents `[B, 4, h, w]` (`output_type="latent"`) or images `[B, 3, H, W]` in [0, 1] (`"image"`), CPU."""
-
-
-class Eraser(Protocol):
-    """What `HookedDiffusion` needs of an eraser (e.g. `saemnesia.unlearning.ConceptEraser`). It must also carry
-    its SAE as `.sae`, whose `d_in` is checked against the hookpoint's channels."""
-
-    def apply(self, hidden: Tensor, step: int) -> Tensor:
-        """The erased block output `[B, C, H, W]` at sampling step `step`."""
-
-    def check_steps(self, num_steps: int) -> None:
-        """Raise unless the eraser's statistics were computed with `num_steps` sampling steps."""
 
 
 @dataclass
@@ -100,7 +100,7 @@ class HookedDiffusion(pl.LightningModule):
     """Generates a batch of prompt items with a local diffusers pipeline, capturing and/or erasing at a hookpoint."""
 
     def __init__(self, pipeline: str, hookpoint: str = "unet.up_blocks.1.attentions.1",
-                 capture: CaptureConfig | None = None, eraser: Eraser | None = None, num_steps: int = 50,
+                 capture: CaptureConfig | None = None, erasure: ErasureConfig | None = None, num_steps: int = 50,
                  guidance_scale: float = 9.0, height: int = 512, width: int = 512,
                  output_type: Literal["latent", "image"] = "latent", dtype: str = "float32",
                  scheduler: SchedulerChoice = "ddim", build_tiny_if_missing: bool = False):
@@ -109,8 +109,9 @@ class HookedDiffusion(pl.LightningModule):
             pipeline: Local diffusers pipeline folder (SD 1.x/2.x or SDXL), loaded with `load_pipeline`.
             hookpoint: Block whose output is captured and/or erased, e.g. `unet.up_blocks.1.attentions.1`.
             capture: What to capture; `None` generates without capturing.
-            eraser: Rewrites the hookpoint's output at every UNet call, both CFG halves (SPEC §4); capture then
-                sees the erased output, as the rest of the UNet does.
+            erasure: SAE, statistics and per-concept parameters that erase each item's `erase` concepts at every
+                UNet call, both CFG halves (SPEC §4); capture then sees the erased output, as the rest of the UNet
+                does. `None`: items must erase nothing.
             num_steps: Sampling steps T. Published: 50 (caching), 100 (statistics and evaluation).
             guidance_scale: Classifier-free guidance scale. Published: 9.0.
             height: Image height in pixels (a multiple of 8). Published: 512.
@@ -122,7 +123,7 @@ class HookedDiffusion(pl.LightningModule):
                 folder does not exist; for the toy configs until a trained toy model is shipped.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["eraser"])
+        self.save_hyperparameters()
         resolve_dtype(dtype)  # a bad name fails here, not after the pipeline loaded
         if num_steps < 1:
             raise ValueError(f"model.num_steps must be a positive number of sampling steps, got {num_steps}.")
@@ -135,10 +136,10 @@ class HookedDiffusion(pl.LightningModule):
             if not any(capture.new_capture().keeps(step) for step in range(num_steps)):
                 raise ValueError(f"model.capture keeps no step: none of {capture.steps} is a multiple of "
                                  f"capture.every={capture.every}.")
-        if eraser is not None:
-            eraser.check_steps(num_steps)
-        self.capture = capture
-        self.eraser = eraser
+        self.capture, self.erasure = capture, erasure
+        self.erasers = ErasureBuilder(erasure, hookpoint) if erasure is not None else None
+        if self.erasers is not None:
+            self.erasers.check_steps(num_steps)  # refused before any pipeline loads
         self.pipe: DiffusionPipeline | None = None
 
     def prepare_data(self) -> None:
@@ -148,42 +149,79 @@ class HookedDiffusion(pl.LightningModule):
             save_tiny_pipeline(folder)
 
     def setup(self, stage: str) -> None:
-        """Load the pipeline onto this process's device (which Lightning sets before `setup`)."""
+        """Load the pipeline (and move the erasure SAE) onto this process's device, which Lightning sets before
+        `setup`."""
         if self.pipe is None:
             self.pipe = load_pipeline(self.hparams.pipeline, scheduler=self.hparams.scheduler,
                                       dtype=self.hparams.dtype, device=self.device)
             resolve_hookpoint(self.pipe, self.hparams.hookpoint)  # an unknown hookpoint fails before generating
+        if self.erasers is not None:
+            self.erasers.to(self.device)
 
-    def _on_block_output(self, capture: ActivationCapture | None, hidden: Tensor,
+    def on_predict_start(self) -> None:
+        """Build the eraser of every erased set the prompt items ask for, so that an unknown concept or a missing
+        parameter fails before the first image rather than hours into a run."""
+        items: list[PromptItem] = getattr(self.trainer.datamodule, "items", [])
+        for erase in sorted({item.erase for item in items}):
+            self.eraser_for(erase)
+
+    def eraser_for(self, erase: tuple[str, ...]) -> ConceptEraser | None:
+        """The eraser of one erased set; `None` for `()` (no erasure)."""
+        if not erase:
+            return None
+        if self.erasers is None:
+            raise ValueError(f"Prompt items erase {list(erase)} but model.erasure is not set; give the SAE, "
+                             "statistics and class_params to erase with.")
+        return self.erasers.eraser_for(erase)
+
+    def _on_block_output(self, eraser: ConceptEraser | None, capture: ActivationCapture | None, hidden: Tensor,
                          context: HookContext) -> Tensor | None:
-        if self.eraser is not None:
-            if hidden.shape[1] != self.eraser.sae.d_in:
-                raise ValueError(f"Hookpoint {context.hookpoint} outputs {hidden.shape[1]} channels but the eraser's "
-                                 f"SAE has d_in={self.eraser.sae.d_in}; use the SAE trained at this hookpoint.")
-            hidden = self.eraser.apply(hidden, context.step)
+        if eraser is not None:
+            if hidden.shape[1] != eraser.sae.d_in:
+                raise ValueError(f"Hookpoint {context.hookpoint} outputs {hidden.shape[1]} channels but the erasure "
+                                 f"SAE has d_in={eraser.sae.d_in}; use the SAE trained at this hookpoint.")
+            hidden = eraser.apply(hidden, context.step)
         if capture is not None:
             capture(hidden, context)
-        return hidden if self.eraser is not None else None
+        return hidden if eraser is not None else None
 
     @torch.no_grad()
     def generate(self, items: list[PromptItem]) -> GenerationOutput:
-        """Generate one batch of prompt items (call `setup` first when not run by a Trainer)."""
+        """Generate one batch of prompt items (call `setup` first when not run by a Trainer).
+
+        Items are grouped by erased set and each group is generated with its own eraser; the outputs come back in
+        the order of `items` (each image's noise is its own, so grouping changes nothing but rounding).
+        """
         if self.pipe is None:
             raise RuntimeError("HookedDiffusion.generate needs the pipeline: call setup('predict') first.")
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for position, item in enumerate(items):
+            groups.setdefault(item.erase, []).append(position)
+        results = [self._generate_group([items[position] for position in positions], self.eraser_for(erase))
+                   for erase, positions in groups.items()]
+        # Row i of the concatenated groups holds item grouped_order[i]; argsort inverts that permutation.
+        batch_order = torch.tensor([position for positions in groups.values() for position in positions]).argsort()
+        images = torch.cat([images for images, _ in results])[batch_order]  # [B, ...]
+        captures = [capture for _, capture in results if capture is not None]
+        steps = sorted(captures[0].tokens) if captures else []
+        activations = torch.cat([capture.stack() for capture in captures])[batch_order] if captures else None
+        return GenerationOutput(items=list(items), activations=activations, steps=steps,
+                                timesteps=[int(self.pipe.scheduler.timesteps[step]) for step in steps], images=images)
+
+    def _generate_group(self, items: list[PromptItem],
+                        eraser: ConceptEraser | None) -> tuple[Tensor, ActivationCapture | None]:
+        """Final latents or images `[b, ...]` (float32, CPU) of items sharing one eraser, and their capture."""
         # CPU generators: the noise is also independent of the device (diffusers moves it after drawing).
         generators = [torch.Generator().manual_seed(image_seed(item.seed, item.prompt_id)) for item in items]
         capture = self.capture.new_capture() if self.capture is not None else None
-        hooked = capture is not None or self.eraser is not None
-        on_output = partial(self._on_block_output, capture)
+        hooked = capture is not None or eraser is not None
+        on_output = partial(self._on_block_output, eraser, capture)
         with hook_block(self.pipe, self.hparams.hookpoint, on_output) if hooked else nullcontext():
             images = self.pipe([item.prompt for item in items], num_inference_steps=self.hparams.num_steps,
                                guidance_scale=self.hparams.guidance_scale, height=self.hparams.height,
                                width=self.hparams.width, generator=generators,
                                output_type="latent" if self.hparams.output_type == "latent" else "pt").images
-        steps = sorted(capture.tokens) if capture is not None else []
-        return GenerationOutput(items=list(items), activations=capture.stack() if capture is not None else None,
-                                steps=steps, timesteps=[int(self.pipe.scheduler.timesteps[step]) for step in steps],
-                                images=images.float().cpu())
+        return images.float().cpu(), capture
 
     def predict_step(self, batch: list[PromptItem], batch_idx: int, dataloader_idx: int = 0) -> GenerationOutput:
         return self.generate(batch)

@@ -1,0 +1,155 @@
+"""`ImageWriter`: the JPEG images of an unlearning `predict` run and their manifest (SPEC §6).
+
+Layout under the root folder `R`: `R/{target}/{Style}_{Object}_seed{seed}.jpg` and, for plain prompts,
+`R/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept, `first_03`, or `none`).
+`R/manifest.jsonl` lists every image, one JSON object per line: `file` (relative to R), `target`, `erased` (the
+concept names), `prompt_id`, `prompt`, `object`, `style` (null when plain) and `seed`.
+
+Each rank appends one batch's lines to `manifest-r{rank}.jsonl` in a single write and only then writes the batch's
+images, each to a temporary name renamed into place; when predicting ends, rank 0 merges the rank manifests into
+`manifest.jsonl` (sorted by file, one line per file that exists). So an image on disk is always complete and listed.
+Resuming is re-running the same command: items whose image exists are left out before the dataloader is built, and
+`generation.json` refuses a rerun with other generation settings into the same folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch import Tensor
+
+from datamodules.prompts import PromptDataModule
+from saemnesia.generation import GenerationOutput, HookedDiffusion, PromptItem
+from saemnesia.io import atomic_write_bytes, atomic_write_text
+
+JPEG_QUALITY = 95
+"""JPEG quality of every image (Pillow's scale)."""
+
+MANIFEST = "manifest.jsonl"
+RANK_MANIFESTS = "manifest-r*.jsonl"
+"""Glob of the per-rank manifests, `manifest-r{rank}.jsonl`."""
+
+SETTINGS = "generation.json"
+"""The generation settings of the folder's images; a resumed run must match them."""
+
+SETTING_NAMES = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height", "width", "dtype", "scheduler")
+"""`HookedDiffusion` options that change the images (with the erasure config)."""
+
+
+def image_file(item: PromptItem) -> str:
+    """The item's image path relative to the root folder, e.g. `Bears/Cubism_Bears_seed188.jpg`."""
+    style = "" if item.style is None else f"{item.style}_"
+    return f"{item.target}/{style}{item.object}_seed{item.seed}.jpg"
+
+
+def manifest_record(item: PromptItem) -> dict[str, Any]:
+    """The item's `manifest.jsonl` line as a dict."""
+    return {"file": image_file(item), "target": item.target, "erased": list(item.erase), "prompt_id": item.prompt_id,
+            "prompt": item.prompt, "object": item.object, "style": item.style, "seed": item.seed}
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """The records of a manifest file, skipping a line torn by a crash during its append."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def jpeg_bytes(image: Tensor) -> bytes:
+    """A `[3, H, W]` image in [0, 1] as JPEG bytes, rounded to 8 bits as diffusers' `numpy_to_pil` does."""
+    pixels = (image.permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy()  # [H, W, 3]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+class ImageWriter(BasePredictionWriter):
+    """Writes each generated image as a JPEG under its target's folder and keeps `manifest.jsonl` (module docstring)."""
+
+    def __init__(self, output_dir: str):
+        """
+        Args:
+            output_dir: Root image folder, e.g. `runs/toy/unlearn/images`; an interrupted run resumes in it.
+        """
+        super().__init__(write_interval="batch")
+        self.folder = Path(output_dir)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, HookedDiffusion) or pl_module.hparams.output_type != "image":
+            raise ValueError("ImageWriter needs a HookedDiffusion model with model.output_type: image.")
+        if not isinstance(trainer.datamodule, PromptDataModule):
+            raise ValueError("ImageWriter needs a PromptDataModule (data.class_path) to skip written images.")
+        if trainer.predict_loop.return_predictions:
+            rank_zero_warn("ImageWriter writes every batch, but Trainer.predict also keeps them all in memory; set "
+                           "return_predictions: false in the predict config.")
+        files = [image_file(item) for item in trainer.datamodule.items]
+        repeated = sorted(name for name, count in Counter(files).items() if count > 1)
+        if repeated:
+            raise ValueError(f"Several prompt items map to the image files {repeated[:3]}; file names hold only "
+                             "target, style, object and seed, so use one prompt per object and style (template "
+                             "prompts, or data.pairing: anchor_i_style_i).")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        erasure = pl_module.erasure
+        settings = {**{name: pl_module.hparams[name] for name in SETTING_NAMES},
+                    "erasure": asdict(erasure) if erasure is not None else None}
+        self._check_settings(settings)
+        self._repair_rank_manifest(trainer.global_rank)
+        trainer.strategy.barrier("image-writer-read")  # every process has compared before rank 0 writes
+        if trainer.is_global_zero:
+            atomic_write_text(self.folder / SETTINGS, json.dumps(settings, indent=2) + "\n")
+        stored = {name for name in files if (self.folder / name).is_file()}
+        if trainer.datamodule.exclude(stored, key=image_file) == 0:
+            self._merge_manifests(trainer)  # nothing to generate: Lightning skips the predict loop and its hooks
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuse to mix runs: the folder's earlier images must come from the same generation settings."""
+        path = self.folder / SETTINGS
+        if not path.is_file() or next(self.folder.glob("*/*.jpg"), None) is None:
+            return  # no earlier images (a run that failed before its first batch binds nothing)
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+        differing = [name for name in settings if earlier.get(name) != settings[name]]
+        if differing:
+            raise ValueError(f"{path} records images generated with other {differing} than this run's; resume with "
+                             "the same model options, or write to another folder (--trainer.callbacks.output_dir).")
+
+    def _repair_rank_manifest(self, rank: int) -> None:
+        """Drop a line that a crash tore off at the end of this rank's manifest, so that appends start a new line."""
+        path = self.folder / f"manifest-r{rank}.jsonl"
+        if path.is_file() and not path.read_text(encoding="utf-8").endswith("\n"):
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in read_manifest(path)))
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, prediction: GenerationOutput,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        lines = "".join(json.dumps(manifest_record(item)) + "\n" for item in prediction.items)
+        # Listed before written: a crash may leave a listed image missing (it is generated again), never the reverse.
+        with (self.folder / f"manifest-r{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as manifest:
+            manifest.write(lines)
+        for item, image in zip(prediction.items, prediction.images):  # image: [3, H, W]
+            atomic_write_bytes(self.folder / image_file(item), jpeg_bytes(image))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._merge_manifests(trainer)
+
+    def _merge_manifests(self, trainer: pl.Trainer) -> None:
+        """Rank 0 writes `manifest.jsonl` once every rank has written its images."""
+        trainer.strategy.barrier("image-writer-end")
+        if trainer.is_global_zero:
+            records = {record["file"]: record for path in sorted(self.folder.glob(RANK_MANIFESTS))
+                       for record in read_manifest(path)}
+            lines = [json.dumps(records[name]) + "\n" for name in sorted(records) if (self.folder / name).is_file()]
+            atomic_write_text(self.folder / MANIFEST, "".join(lines))
+        trainer.strategy.barrier("image-writer-manifest")

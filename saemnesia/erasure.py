@@ -1,0 +1,118 @@
+"""Erasure as a config names it: which SAE, concept statistics and per-concept parameters erase a concept set.
+
+`ErasureConfig` is `HookedDiffusion`'s `erasure` argument (`model.init_args.erasure` in YAML). `ErasureBuilder` loads
+the SAE and the statistics once per process and hands out one cached `ConceptEraser` per erased set: a single target
+(`("Bears",)`) or the first n concepts of a sequential order. The per-concept parameters come from a `class_params`
+file (SPEC §5, §7), or from `percentile` / `multiplier` overrides applied to every target (the multiplier search).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from saemnesia.checkpoints import CONFIG_FILE
+from saemnesia.class_params import PARAM_KEYS, ConceptParams, load_class_params
+from saemnesia.sae import SparseAutoencoder
+from saemnesia.stats import ConceptStats
+from saemnesia.unlearning import ERROR_MODES, ConceptEraser
+
+REFERENCE_STATS_SUFFIX = ".pkl"
+"""Statistics files with this suffix are the published pickle (`ConceptStats.from_reference`); others are ours."""
+
+
+@dataclass
+class ErasureConfig:
+    """Where the erasure's SAE, statistics and per-concept parameters come from, and how the output is rebuilt."""
+
+    sae: str
+    """SAE checkpoint folder (`cfg.json` + `sae.safetensors`), or its parent holding `<hookpoint>/` (what
+    `SaeExport` writes). It must be the SAE the statistics were computed with."""
+    stats: str
+    """Concept statistics: our `ConceptStats` safetensors file, or the published pickle
+    (`cls_latents_dict_unet.up_blocks.1.attentions.1.pkl`) when the name ends in `.pkl`. Their number of steps T
+    must be `model.num_steps`."""
+    class_params: str | None = None
+    """`{concept: {percentile, multiplier}}` file, `.pth` (published) or `.json`; `None` when `percentile` and
+    `multiplier` below are both given."""
+    error_mode: Literal["reference", "exact", "none"] = "exact"
+    """How the SAE error enters the output (SPEC §4): `exact` keeps it (`x + r' − r`); `reference` reproduces the
+    published code and numbers (`r' + r − x`); `none` returns `r'`."""
+    start_step: int = 0
+    """Erase only at sampling steps `t ≥ start_step`. Published: 0."""
+    use_beta: bool = False
+    """Scale selected latents by `m · ‖z‖₂ / ‖W_dec[j]‖₂` instead of `m · μ_c[t, j]`. Published: False."""
+    percentile: float | None = None
+    """Override every target's percentile (SAEmnesia fixes 99.999: one latent at L = 20480); `None` reads it from
+    `class_params`."""
+    multiplier: float | None = None
+    """Override every target's multiplier (one run of the multiplier search, e.g. -5); `None` reads it from
+    `class_params`."""
+
+
+def load_stats(path: str | Path) -> ConceptStats:
+    """Our statistics file, or the published pickle when `path` ends in `.pkl`."""
+    path = Path(path)
+    return ConceptStats.from_reference(path) if path.suffix == REFERENCE_STATS_SUFFIX else ConceptStats.load(path)
+
+
+def load_sae(path: str | Path, hookpoint: str) -> SparseAutoencoder:
+    """The SAE in folder `path`, or in `path/hookpoint` when `path` is a parent of SAE folders."""
+    folder = Path(path)
+    return SparseAutoencoder.load(folder, None if (folder / CONFIG_FILE).is_file() else hookpoint)
+
+
+class ErasureBuilder:
+    """Loads the SAE and statistics of an `ErasureConfig` once and builds one `ConceptEraser` per erased set."""
+
+    def __init__(self, config: ErasureConfig, hookpoint: str) -> None:
+        if config.class_params is None and (config.percentile is None or config.multiplier is None):
+            raise ValueError("model.erasure needs a class_params file, or both percentile and multiplier to apply "
+                             "to every target.")
+        if config.error_mode not in ERROR_MODES:
+            raise ValueError(f"model.erasure.error_mode must be one of {list(ERROR_MODES)}, got {config.error_mode!r}.")
+        self.config = config
+        self.sae = load_sae(config.sae, hookpoint)
+        self.stats = load_stats(config.stats)
+        self.stats.check_compatible(self.sae.num_latents)  # statistics of another SAE fail here
+        stats_hookpoint = self.stats.metadata.get("hookpoint")
+        if stats_hookpoint not in (None, hookpoint):
+            raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "
+                             f"model.hookpoint is {hookpoint}; recompute them at this hookpoint.")
+        self.class_params = load_class_params(config.class_params) if config.class_params is not None else {}
+        self._erasers: dict[tuple[str, ...], ConceptEraser] = {}
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse sampling with another number of steps than the statistics'."""
+        self.stats.check_compatible(self.sae.num_latents, num_steps)
+
+    def to(self, device: torch.device | str) -> ErasureBuilder:
+        """Move the SAE (erasers move their tables to it on first use)."""
+        self.sae.to(device)
+        return self
+
+    def params_for(self, concepts: tuple[str, ...]) -> dict[str, ConceptParams]:
+        """Each concept's percentile and multiplier: the override where given, else its `class_params` entry."""
+        overrides = {"percentile": self.config.percentile, "multiplier": self.config.multiplier}
+        params = {}
+        for concept in concepts:
+            entry = {key: overrides[key] if overrides[key] is not None else self.class_params.get(concept, {}).get(key)
+                     for key in PARAM_KEYS}
+            if None in entry.values():
+                raise ValueError(f"The class_params file {self.config.class_params} has no entry for the target "
+                                 f"concept {concept!r}; add it or set model.erasure.percentile and multiplier.")
+            params[concept] = entry
+        return params
+
+    def eraser_for(self, concepts: tuple[str, ...]) -> ConceptEraser:
+        """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last)."""
+        if concepts not in self._erasers:
+            for concept in concepts:
+                self.stats.index(concept)  # an unknown concept lists the known ones before any parameter lookup
+            self._erasers[concepts] = ConceptEraser(self.sae, self.stats, self.params_for(concepts),
+                                                    error_mode=self.config.error_mode,
+                                                    start_step=self.config.start_step, use_beta=self.config.use_beta)
+        return self._erasers[concepts]
