@@ -76,3 +76,15 @@ def test_eraser_benchmark_agrees_with_its_dense_baseline(capsys):
     assert cost["max_abs_difference"] < 1e-5
     assert all(cost[name] > 0 for name in ("eraser_s", "dense_s", "encoder_s"))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
+
+
+def test_cache_overhead_benchmark_reports_both_measurements(capsys, tiny_pipeline_dir):
+    from benchmarks import cache_overhead
+
+    report = cache_overhead.main([f"--pipeline={tiny_pipeline_dir}", "--batch_size=2", "--num_steps=2", "--repeats=1",
+                                  "--warmup=0", "--payload_batch=1", "--payload_channels=8", "--payload_side=2",
+                                  "--payload_steps=2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
+    numbers = [value for value in json.loads(json.dumps(report)).values() if isinstance(value, dict)]
+    figures = [v for section in numbers for v in section.values() if isinstance(v, (int, float))]
+    assert figures and all(math.isfinite(v) for v in figures)
