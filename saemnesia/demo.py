@@ -44,11 +44,11 @@ def multiplier_search() -> list[Step]:
     """SPEC §5: one generation + evaluation per multiplier; the selector keeps each concept's best."""
     steps = []
     for multiplier in SAEMNESIA_MULTIPLIERS:
-        run = RUNS / f"sweep/m{multiplier}"
-        steps.append(cli_step(f"search m={multiplier}: generate", "predict", "configs/toy/sweep.yaml",
+        run = RUNS / f"sweep/m{multiplier:g}"
+        steps.append(cli_step(f"search m={multiplier:g}: generate", "predict", "configs/toy/sweep.yaml",
                               run / "manifest.jsonl", f"--model.init_args.erasure.multiplier={multiplier}",
                               f"--trainer.callbacks.output_dir={run}", f"--trainer.default_root_dir={run}"))
-        steps.append(cli_step(f"search m={multiplier}: evaluate", "test", "configs/toy/evaluate.yaml",
+        steps.append(cli_step(f"search m={multiplier:g}: evaluate", "test", "configs/toy/evaluate.yaml",
                               run / RESULTS_JSON, f"--data.init_args.root={run}", f"--model.init_args.output_dir={run}",
                               "--trainer.logger=false", "--trainer.callbacks+=callbacks.ClassParamsSelector",
                               f"--trainer.callbacks.sweep_dir={RUNS / 'sweep'}",
