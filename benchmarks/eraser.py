@@ -4,7 +4,9 @@
 what the reference hook computes: encode, scatter the TopK code into a dense `[tokens, L]` tensor, and decode it twice
 (`[tokens, L] @ [L, d]`) before and after erasing. Both run in the same process on the same block output, and must
 agree. It prints the eraser's time over the dense time (target ≤ 0.6) and the encoder's share (the floor every
-implementation pays); the last line is one JSON object with every figure.
+implementation pays). Then it times whole generations on the tiny test pipeline, `HookedDiffusion` erasing one
+concept against the same prompts unhooked (the hook's share of a generation). The last line is one JSON object
+with every figure.
 
     python -m benchmarks.eraser                                  # CPU, float32, one CFG batch of 8 prompts
     python -m benchmarks.eraser --device cuda --dtype float16 --repeats 50
@@ -12,7 +14,9 @@ implementation pays); the last line is one JSON object with every figure.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,6 +25,9 @@ from torch import Tensor
 
 from benchmarks.common import machine_description, print_json_line, synchronizer, time_call
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
+from saemnesia.erasure import ErasureConfig
+from saemnesia.generation import HookedDiffusion, PromptItem
+from saemnesia.pipelines import TinyPipelineConfig, save_tiny_pipeline
 from saemnesia.sae import SaeConfig, SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser, ErasureTables
@@ -62,6 +69,10 @@ class EraserBenchmarkConfig:
     """Untimed calls before them."""
     seed: int = 0
     """Seed of the SAE, the statistics and the block output."""
+    generation_prompts: int = 8
+    """Prompts per generation of the tiny-pipeline comparison (0 skips it)."""
+    generation_steps: int = 20
+    """DDIM steps of those generations."""
 
     def __post_init__(self) -> None:
         if min(self.batch, self.height, self.width, self.d, self.latents, self.k, self.steps, self.repeats) < 1:
@@ -128,6 +139,35 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     }
 
 
+def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
+    """Seconds per generation on the tiny pipeline, erasing one concept at every UNet call versus unhooked."""
+    pipeline_config = TinyPipelineConfig()
+    d = pipeline_config.block_out_channels[-1]  # channels of up_blocks.1 in the SD1.5 layout
+    concepts = [f"concept{index}" for index in range(4)]
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        save_tiny_pipeline(root / "pipeline", pipeline_config)
+        torch.manual_seed(config.seed)
+        SparseAutoencoder(d, SaeConfig(expansion_factor=16, k=8)).save(root / "sae")
+        generator = torch.Generator().manual_seed(config.seed)
+        means = MEAN_CODE_SCALE * torch.rand(len(concepts), config.generation_steps, 16 * d, generator=generator)
+        ConceptStats(concepts, means, torch.full((len(concepts),), 8)).save(root / "stats.safetensors")
+        erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"), percentile=99.9,
+                                multiplier=config.multiplier)
+        module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=config.generation_steps,
+                                 height=64, width=64, output_type="latent")
+        module.setup("predict")
+        items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
+                 for index in range(config.generation_prompts)]
+        erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
+
+        def timed(batch: list[PromptItem]) -> float:
+            return time_call(lambda: module.generate(batch), warmup=config.warmup, repeats=config.repeats).per_call
+
+        unhooked_s, hooked_s = timed(items), timed(erasing)
+    return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options, run, print the report as the last line and return it."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -140,7 +180,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
           f"k {config.k}: eraser {cost['eraser_s'] * 1e3:.1f} ms, dense {cost['dense_s'] * 1e3:.1f} ms, "
           f"ratio {cost['eraser_over_dense']:.3f} (target <= 0.6); encoder alone {cost['encoder_s'] * 1e3:.1f} ms; "
           f"max |eraser - dense| {cost['max_abs_difference']:.2e}, {cost['tokens_changed']} tokens changed")
-    # Part 2, hooked vs unhooked generation on the tiny pipeline, adds its figures to the report here.
+    if config.generation_prompts > 0:
+        report["generation"] = generation = hooked_generation_cost(config)
+        print(f"tiny pipeline, {config.generation_prompts} prompts × {config.generation_steps} steps: unhooked "
+              f"{generation['unhooked_s']:.2f} s, erasing {generation['hooked_s']:.2f} s, "
+              f"ratio {generation['hooked_over_unhooked']:.3f}")
     print_json_line(report)
     return report
 

@@ -71,7 +71,8 @@ def test_eraser_benchmark_agrees_with_its_dense_baseline(capsys):
     from benchmarks import eraser
 
     report = eraser.main(["--batch=2", "--d=16", "--latents=256", "--k=4", "--steps=3", "--repeats=1",
-                          "--warmup=0"])
+                          "--warmup=0", "--generation_prompts=2", "--generation_steps=2"])
+    assert report["generation"]["hooked_s"] > 0 and report["generation"]["unhooked_s"] > 0
     cost = report["unet_call"]
     assert cost["max_abs_difference"] < 1e-5
     assert all(cost[name] > 0 for name in ("eraser_s", "dense_s", "encoder_s"))
