@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo toy-assets clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: setup
 
 demo: setup
 	$(BIN)/python -m saemnesia.demo
+
+# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; ~1 h on 2 CPU cores.
+toy-assets: setup
+	$(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml
+	$(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml
+	$(BIN)/python cli.py fit -c configs/toy/toy_model.yaml
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from diffusers import (
 )
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from saemnesia.io import replace_folder
 
 SUPPORTED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
@@ -225,14 +226,5 @@ def save_tiny_pipeline(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it with a tiny pipeline.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        build_tiny_pipeline(config).save_pretrained(staging, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return replace_folder(folder, lambda staging: build_tiny_pipeline(config).save_pretrained(
+        staging, safe_serialization=True))

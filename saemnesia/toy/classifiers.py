@@ -1,0 +1,170 @@
+"""ToyCanvas classifiers: small CNNs that name the object and the style of an image, and their file format.
+
+A classifier folder holds `model.safetensors` (the state dict) and `classifier.json`: the module's class path,
+its constructor arguments and its label list. `load_classifier` rebuilds any `torch.nn.Module` described that
+way, so an evaluator takes "a class path plus a checkpoint" without knowing the architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saemnesia.concepts import NO_STYLE
+from saemnesia.io import replace_folder
+from saemnesia.toy.fitting import adamw_warmup_cosine
+from saemnesia.toy.vocabulary import PLAIN_LABEL, TOY_OBJECTS, TOY_STYLES
+
+CLASSIFIER_JSON = "classifier.json"
+CLASSIFIER_WEIGHTS = "model.safetensors"
+STYLE_LABELS = (*TOY_STYLES, PLAIN_LABEL)
+"""Style classifier head order: the styles, then the plain rendering."""
+
+
+class ToyClassifier(nn.Module):
+    """Four conv stages (3×3 conv, batch norm, ReLU, 2× max-pool; widths w, 2w, 4w, 4w) and a linear head on
+    the pooled 2×2 features: ~0.25 M parameters at w = 32, cheap enough to train on a CPU in minutes.
+
+    Takes RGB images in [0, 1] of any size (resized to `image_size`) and returns logits `[B, num_classes]`.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, image_size: int = 32):
+        super().__init__()
+        self.init_args = {"num_classes": num_classes, "width": width, "image_size": image_size}
+        self.image_size = image_size
+        layers: list[nn.Module] = []
+        channels = 3
+        for stage_width in (width, 2 * width, 4 * width, 4 * width):
+            layers += [nn.Conv2d(channels, stage_width, 3, padding=1, bias=False), nn.BatchNorm2d(stage_width),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = stage_width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
+        features = self.features(images * 2 - 1)  # [B, 4w, H/16, W/16]
+        return self.head(features.mean(dim=(2, 3)))  # [B, num_classes]
+
+
+class LoadedClassifier(NamedTuple):
+    model: nn.Module
+    """The classifier in eval mode."""
+    labels: list[str]
+    """Class name of each logit."""
+
+
+def save_classifier(folder: str | os.PathLike, model: nn.Module, labels: list[str] | tuple[str, ...],
+                    **metadata: Any) -> Path:
+    """Write a classifier folder (replacing `folder` atomically). `model` must expose `init_args`, the keyword
+    arguments that rebuild it; `metadata` (e.g. held-out accuracy) is stored in the JSON as is."""
+    description = {"class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+                   "init_args": model.init_args, "labels": list(labels), **metadata}
+
+    def write(staging: Path) -> None:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / CLASSIFIER_WEIGHTS))
+        (staging / CLASSIFIER_JSON).write_text(json.dumps(description, indent=2) + "\n")
+
+    return replace_folder(folder, write)
+
+
+def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedClassifier:
+    """Rebuild the classifier of a folder written by `save_classifier` (any importable `nn.Module` class)."""
+    folder = Path(folder)
+    description_file = folder / CLASSIFIER_JSON
+    if not description_file.is_file():
+        raise FileNotFoundError(f"Classifier folder {folder} has no {CLASSIFIER_JSON}; expected a folder written "
+                                "by save_classifier (classifier.json + model.safetensors).")
+    description = json.loads(description_file.read_text())
+    module_name, _, class_name = description["class_path"].rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{description_file} names class_path {description['class_path']!r}, which cannot be "
+                         f"imported ({error}).") from error
+    model = model_class(**description.get("init_args", {}))
+    model.load_state_dict(load_file(str(folder / CLASSIFIER_WEIGHTS)))
+    return LoadedClassifier(model.to(device).eval(), list(description["labels"]))
+
+
+def style_targets(styles: Tensor) -> Tensor:
+    """Style indices (`NO_STYLE` for plain) → style classifier targets (plain is the last label)."""
+    return torch.where(styles == NO_STYLE, len(TOY_STYLES), styles)
+
+
+def degrade(images: Tensor, noise_std: float, max_blur: float, max_shift: float) -> Tensor:
+    """Random blur, per-channel shift and noise, so the classifiers also judge imperfect generated images."""
+    batch = len(images)
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # [B, 3, H, W]
+    images = images + max_blur * torch.rand(batch, 1, 1, 1) * (blurred - images)
+    images = images + max_shift * (2 * torch.rand(batch, 3, 1, 1) - 1)
+    images = images + noise_std * torch.rand(batch, 1, 1, 1) * torch.randn_like(images)
+    return images.clamp(0, 1)
+
+
+class ToyClassifierModule(pl.LightningModule):
+    """Trains the object and the style classifier side by side on the same renders."""
+
+    def __init__(self, width: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_steps: int = 50,
+                 final_lr_fraction: float = 0.05, noise_std: float = 0.08, max_blur: float = 0.8,
+                 max_shift: float = 0.05):
+        """
+        Args:
+            width: Channels of the first conv stage (doubled at each of the next two).
+            lr: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: Linear warm-up steps before the cosine decay.
+            final_lr_fraction: Learning rate at `trainer.max_steps`, as a fraction of `lr`.
+            noise_std: Largest standard deviation of the Gaussian noise added to training images.
+            max_blur: Largest blend towards a 3×3 box blur of training images (0 = none, 1 = fully blurred).
+            max_shift: Largest per-channel brightness shift of training images.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.object_classifier = ToyClassifier(len(TOY_OBJECTS), width)
+        self.style_classifier = ToyClassifier(len(STYLE_LABELS), width)
+
+    def _losses(self, batch: dict[str, Any], stage: str) -> Tensor:
+        images, styles = batch["image"], style_targets(batch["style"])
+        if stage == "train":
+            images = degrade(images, self.hparams.noise_std, self.hparams.max_blur, self.hparams.max_shift)
+        total = images.new_zeros(())
+        for name, model, targets in (("object", self.object_classifier, batch["object"]),
+                                     ("style", self.style_classifier, styles)):
+            logits = model(images)  # [B, classes]
+            loss = F.cross_entropy(logits, targets)
+            accuracy = (logits.argmax(1) == targets).float().mean()
+            self.log(f"{stage}/{name}_loss", loss, batch_size=len(images), prog_bar=False)
+            self.log(f"{stage}/{name}_accuracy", accuracy, batch_size=len(images), prog_bar=True)
+            total = total + loss
+        return total
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._losses(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._losses(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_warmup_cosine(self.parameters(), self.hparams.lr, self.hparams.weight_decay,
+                                   self.trainer.max_steps, self.hparams.warmup_steps, self.hparams.final_lr_fraction)
+
+    def export(self, folder: Path) -> None:
+        """`folder/object` and `folder/style` classifier folders, with the last held-out accuracy if measured."""
+        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
+        for name, model, labels in (("object", self.object_classifier, TOY_OBJECTS),
+                                    ("style", self.style_classifier, STYLE_LABELS)):
+            accuracy = metrics.get(f"val/{name}_accuracy")
+            extra = {} if accuracy is None else {"val_accuracy": round(float(accuracy), 4)}
+            save_classifier(Path(folder) / name, model, labels, **extra)
