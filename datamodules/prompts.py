@@ -25,7 +25,7 @@ from typing import Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary
+from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary, styled_prompt
 from saemnesia.generation import NO_ERASURE, PromptItem
 
 PLAIN = "plain"
@@ -35,13 +35,6 @@ PLAIN = "plain"
 def sequential_target(count: int) -> str:
     """Label of sequential unlearning's erased set "the first `count` concepts of the order", e.g. `first_03`."""
     return f"first_{count:02d}"
-
-
-def styled_prompt(subject: str, style: str | None) -> str:
-    """`"{subject} in {Style with spaces} style."`, or `"{subject}."` for a plain prompt (`style=None`)."""
-    if style is None:
-        return f"{subject}."
-    return f"{subject} in {style.replace('_', ' ')} style."
 
 
 def prompt_id(obj: str, style: str | None, subject_index: int, seed: int) -> str:

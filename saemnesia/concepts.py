@@ -168,3 +168,10 @@ def load_concept_latents(
         raise ValueError(f"{path} is not valid JSON ({error}).") from error
     check_concept_latents(mapping, source=str(path), vocabulary=vocabulary, num_latents=num_latents)
     return mapping
+
+
+def styled_prompt(subject: str, style: str | None) -> str:
+    """`"{subject} in {Style with spaces} style."`, or `"{subject}."` for a plain prompt (`style=None`)."""
+    if style is None:
+        return f"{subject}."
+    return f"{subject} in {style.replace('_', ' ')} style."

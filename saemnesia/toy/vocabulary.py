@@ -6,7 +6,7 @@ Names follow UnlearnCanvas: one word per object, styles with underscores that pr
 
 from __future__ import annotations
 
-from saemnesia.concepts import ConceptVocabulary
+from saemnesia.concepts import ConceptVocabulary, styled_prompt
 
 TOY_OBJECTS = ("Circle", "Square", "Triangle", "Star", "Cross", "Heart", "Moon", "Ring")
 """The shapes, in classifier head order."""
@@ -22,6 +22,4 @@ TOY_VOCABULARY = ConceptVocabulary(objects=TOY_OBJECTS, styles=TOY_STYLES)
 
 def toy_prompt(obj: str, style: str | None) -> str:
     """`"An image of {object} in {style with spaces} style."`, or `"An image of {object}."` for `style=None`."""
-    if style is None:
-        return f"An image of {obj}."
-    return f"An image of {obj} in {style.replace('_', ' ')} style."
+    return styled_prompt(f"An image of {obj}", style)
