@@ -29,6 +29,7 @@ toy-assets: setup
 	$(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml
 	$(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml
 	$(BIN)/python cli.py fit -c configs/toy/toy_model.yaml
+	$(BIN)/python -m saemnesia.toy.quality
 
 clean:
 	rm -rf runs .pytest_cache
