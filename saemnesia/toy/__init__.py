@@ -10,7 +10,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TOY_PIPELINE_DIR = ASSETS_DIR / "pipeline"
 """The shipped text-to-image model: a diffusers `StableDiffusionPipeline` folder for `load_pipeline`."""
 TOY_CLASSIFIERS_DIR = ASSETS_DIR / "classifiers"
-"""The shipped classifiers: `object/` and `style/` folders for `saemnesia.toy.classifiers.load_classifier`."""
+"""The shipped classifiers: `object/` and `style/` folders for `saemnesia.classifiers.load_classifier`."""
 
 __all__ = ["ASSETS_DIR", "PLAIN_LABEL", "TOY_CLASSIFIERS_DIR", "TOY_OBJECTS", "TOY_PIPELINE_DIR", "TOY_STYLES",
            "TOY_VOCABULARY", "toy_prompt"]

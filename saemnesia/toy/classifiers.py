@@ -1,22 +1,21 @@
 """ToyCanvas classifiers: small CNNs that name the object and the style of an image, and their file format.
 
 A classifier folder holds `model.safetensors` (the state dict) and `classifier.json`: the module's class path,
-its constructor arguments and its label list. `load_classifier` rebuilds any `torch.nn.Module` described that
-way, so an evaluator takes "a class path plus a checkpoint" without knowing the architecture.
+its constructor arguments and its label list: the folder layout `saemnesia.classifiers.load_classifier` reads, so
+an evaluator takes "a class path plus a checkpoint" without knowing the architecture.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from saemnesia.concepts import NO_STYLE
@@ -57,13 +56,6 @@ class ToyClassifier(nn.Module):
         return self.head(features.mean(dim=(2, 3)))  # [B, num_classes]
 
 
-class LoadedClassifier(NamedTuple):
-    model: nn.Module
-    """The classifier in eval mode."""
-    labels: list[str]
-    """Class name of each logit."""
-
-
 def save_classifier(folder: str | os.PathLike, model: nn.Module, labels: list[str] | tuple[str, ...],
                     **metadata: Any) -> Path:
     """Write a classifier folder (replacing `folder` atomically). `model` must expose `init_args`, the keyword
@@ -77,25 +69,6 @@ def save_classifier(folder: str | os.PathLike, model: nn.Module, labels: list[st
         (staging / CLASSIFIER_JSON).write_text(json.dumps(description, indent=2) + "\n")
 
     return replace_folder(folder, write)
-
-
-def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedClassifier:
-    """Rebuild the classifier of a folder written by `save_classifier` (any importable `nn.Module` class)."""
-    folder = Path(folder)
-    description_file = folder / CLASSIFIER_JSON
-    if not description_file.is_file():
-        raise FileNotFoundError(f"Classifier folder {folder} has no {CLASSIFIER_JSON}; expected a folder written "
-                                "by save_classifier (classifier.json + model.safetensors).")
-    description = json.loads(description_file.read_text())
-    module_name, _, class_name = description["class_path"].rpartition(".")
-    try:
-        model_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"{description_file} names class_path {description['class_path']!r}, which cannot be "
-                         f"imported ({error}).") from error
-    model = model_class(**description.get("init_args", {}))
-    model.load_state_dict(load_file(str(folder / CLASSIFIER_WEIGHTS)))
-    return LoadedClassifier(model.to(device).eval(), list(description["labels"]))
 
 
 def style_targets(styles: Tensor) -> Tensor:
