@@ -24,7 +24,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from datamodules.prompts import PromptDataModule
-from saemnesia.erasure import load_sae
 from saemnesia.generation import GenerationOutput, HookedDiffusion, PromptItem
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStatsAccumulator
@@ -82,7 +81,7 @@ class ConceptStatsCallback(pl.Callback):
         if trainer.predict_loop.return_predictions:
             rank_zero_warn("ConceptStatsCallback streams every batch, but Trainer.predict also keeps them all in "
                            "memory; set return_predictions: false in the predict config.")
-        self.sae = load_sae(self.sae_path, pl_module.hparams.hookpoint).to(pl_module.device)
+        self.sae = SparseAutoencoder.load(self.sae_path, pl_module.hparams.hookpoint).to(pl_module.device)
         vocabulary = trainer.datamodule.vocabulary
         seen = {concept for item in trainer.datamodule.items for concept in item_concepts(item, self.object_prompts)}
         concepts = [name for name in vocabulary.concepts if name in seen]

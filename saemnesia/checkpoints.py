@@ -72,6 +72,8 @@ def _checkpoint_folder(path: Path, hookpoint: str | None) -> Path:
         raise FileNotFoundError(f"SAE checkpoint {path} does not exist.")
     if path.is_file():  # a weights file given directly: its folder is the checkpoint
         path = path.parent
+    if hookpoint is not None and (path / CONFIG_FILE).is_file() and not (path / hookpoint).is_dir():
+        return path  # the SAE folder itself: the hookpoint only names it inside a parent folder
     if hookpoint is not None:
         if not (path / hookpoint).is_dir():
             raise FileNotFoundError(f"SAE checkpoint folder {path} has no hookpoint folder {hookpoint!r}; "

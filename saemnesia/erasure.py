@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 
-from saemnesia.checkpoints import CONFIG_FILE
 from saemnesia.class_params import PARAM_KEYS, ConceptParams, load_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
@@ -59,12 +58,6 @@ def load_stats(path: str | Path) -> ConceptStats:
     return ConceptStats.from_reference(path) if path.suffix == REFERENCE_STATS_SUFFIX else ConceptStats.load(path)
 
 
-def load_sae(path: str | Path, hookpoint: str) -> SparseAutoencoder:
-    """The SAE in folder `path`, or in `path/hookpoint` when `path` is a parent of SAE folders."""
-    folder = Path(path)
-    return SparseAutoencoder.load(folder, None if (folder / CONFIG_FILE).is_file() else hookpoint)
-
-
 class ErasureBuilder:
     """Loads the SAE and statistics of an `ErasureConfig` once and builds one `ConceptEraser` per erased set."""
 
@@ -75,7 +68,7 @@ class ErasureBuilder:
         if config.error_mode not in ERROR_MODES:
             raise ValueError(f"model.erasure.error_mode must be one of {list(ERROR_MODES)}, got {config.error_mode!r}.")
         self.config = config
-        self.sae = load_sae(config.sae, hookpoint)
+        self.sae = SparseAutoencoder.load(config.sae, hookpoint)
         self.stats = load_stats(config.stats)
         self.stats.check_compatible(self.sae.num_latents)  # statistics of another SAE fail here
         stats_hookpoint = self.stats.metadata.get("hookpoint")

@@ -173,7 +173,8 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, hookpoint: str | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> SparseAutoencoder:
-        """Load a checkpoint folder, or `path/hookpoint`; accepts the legacy `state_dict.pth` layout too."""
+        """Load a checkpoint folder, or `path/hookpoint` when `path` is a parent of per-hookpoint SAE folders;
+        accepts the legacy `state_dict.pth` layout too."""
         config, state = read_checkpoint(Path(path), hookpoint)
         known = {field.name for field in fields(SaeConfig)}
         cfg = SaeConfig(**{key: value for key, value in config.items() if key in known})

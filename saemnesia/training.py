@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -101,8 +100,7 @@ class SAEModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if init_from is not None:
-            nested = (Path(init_from) / activations_hookpoint).is_dir()  # a parent folder of per-hookpoint SAEs
-            self.sae = SparseAutoencoder.load(init_from, activations_hookpoint if nested else None)
+            self.sae = SparseAutoencoder.load(init_from, activations_hookpoint)  # the folder or its parent
             if self.sae.d_in != d_in:
                 raise ValueError(f"model.init_from {init_from} is an SAE for d_in={self.sae.d_in} but the "
                                  f"activation data has d_in={d_in}.")

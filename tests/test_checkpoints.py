@@ -52,7 +52,9 @@ def test_published_checkpoint_loads_with_identical_outputs(tmp_path):
     (folder / "cfg.json").write_text(json.dumps(published_config(signature="extra keys are ignored")))
     save_file(tensors, str(folder / "sae.safetensors"))
     x = torch.randn(5, 6)
-    for sae in (SparseAutoencoder.load(folder), SparseAutoencoder.load(tmp_path, "unet.up_blocks.1.attentions.1")):
+    loads = (SparseAutoencoder.load(folder), SparseAutoencoder.load(tmp_path, "unet.up_blocks.1.attentions.1"),
+             SparseAutoencoder.load(folder, "unet.up_blocks.1.attentions.1"))  # the folder itself, hookpoint given
+    for sae in loads:
         assert (sae.d_in, sae.num_latents, sae.cfg.k) == (6, 16, 4)
         torch.testing.assert_close(sae(x).sae_out, reference_forward(tensors, x, k=4))
 
