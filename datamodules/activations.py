@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from saemnesia.concepts import ConceptVocabulary
-from saemnesia.shards import ShardManifest
+from saemnesia.shards import ShardManifest, is_url, shard_location, shard_samples
 
 SHARD_NAME = re.compile(r"[^/\s]+\.tar")
 
@@ -63,14 +63,16 @@ def resample_shards(urls: list[str], seed: int, epoch: int, rank: int) -> Iterat
 
 
 def read_shards(shards: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
-    """Raw samples of each shard, checking it is readable and holds the number of samples the manifest lists."""
+    """Samples of each shard, checking it is readable and holds the number of samples the manifest lists."""
     for shard in shards:
         url, count = shard["url"], 0
         try:
-            for sample in wds.tarfile_samples([shard]):
+            for sample in shard_samples(url):
                 count += 1
                 yield sample
-        except Exception as error:  # tarfile and I/O errors of a damaged file
+        except OSError as error:  # a missing file, or a `pipe:` command or download (curl) that failed
+            raise ValueError(f"Shard {url} could not be opened or downloaded ({error}).") from error
+        except Exception as error:  # tarfile and decoding errors of a damaged file
             raise ValueError(f"Shard {url} could not be read ({type(error).__name__}); "
                              "it is truncated or corrupt.") from error
         if count != expected[shard_name(url)]:
@@ -79,10 +81,11 @@ def read_shards(shards: Iterator[dict], expected: dict[str, int]) -> Iterator[di
 
 
 def label_sample(sample: dict, vocabulary: ConceptVocabulary, shape: tuple[int, int]) -> dict:
-    """Decoded webdataset sample → `{act: float16 [N, d], object, style, step, key}` with integer labels."""
+    """Decoded shard sample → `{act: float16 [N, d], object, style, step, key}` with integer labels."""
     meta, act, where = sample["json"], sample["act.npy"], f"Shard {sample['__url__']} sample {sample['__key__']}"
-    if act.shape != shape:
-        raise ValueError(f"{where} has activations of shape {list(act.shape)}; the manifest says {list(shape)}.")
+    if act.shape != shape or act.dtype != np.float16:
+        raise ValueError(f"{where} has activations {act.dtype}{list(act.shape)}; "
+                         f"the manifest says float16{list(shape)}.")
     try:
         labels = vocabulary.object_index(meta["object"]), vocabulary.style_index(meta["style"])
     except KeyError as error:
@@ -101,16 +104,25 @@ class TokenReader:
         self.maps, self.width = maps, width
         self.leftover: np.ndarray | None = None
 
+    def fill(self, target: np.ndarray, rows: np.ndarray) -> int:
+        """Write the next tokens into `target[rows]`, straight from the maps (no concatenated copy in between);
+        returns how many were written: `len(rows)`, or fewer when the stream ends."""
+        written = 0
+        while written < len(rows):
+            if self.leftover is None:
+                self.leftover = next(self.maps, None)
+                if self.leftover is None:
+                    break
+            part = self.leftover[:len(rows) - written]  # [n, d]
+            target[rows[written:written + len(part)]] = part
+            written += len(part)
+            self.leftover = self.leftover[len(part):] if len(self.leftover) > len(part) else None
+        return written
+
     def take(self, count: int) -> np.ndarray:
         """The next `count` tokens `[count, d]`; fewer (down to none) when the stream ends."""
-        parts = [] if self.leftover is None else [self.leftover]
-        held = sum(len(part) for part in parts)
-        while held < count and (act := next(self.maps, None)) is not None:
-            parts.append(act)
-            held += len(act)
-        tokens = np.concatenate(parts) if parts else np.empty((0, self.width), np.float16)  # [held, d]
-        self.leftover = tokens[count:] if held > count else None
-        return tokens[:count]
+        tokens = np.empty((count, self.width), np.float16)  # [count, d]
+        return tokens[:self.fill(tokens, np.arange(count))]
 
 
 def token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: int,
@@ -130,12 +142,11 @@ def token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: 
     pool = reader.take(max(buffer, batch_size))  # [P, d]
     while len(pool) >= batch_size:
         chosen = rng.choice(len(pool), size=batch_size, replace=False)
-        batch, fresh = pool[chosen], reader.take(batch_size)  # [batch_size, d] each, unless the stream ended
-        if len(fresh) == batch_size:
-            pool[chosen] = fresh
-        else:  # the stream ended: the pool drains in random order
-            pool = np.concatenate([np.delete(pool, chosen, axis=0), fresh])
-        yield collate_tokens(batch)
+        batch = collate_tokens(pool[chosen])  # copied out before the refill overwrites these rows
+        refilled = reader.fill(pool, chosen)
+        if refilled < batch_size:  # the stream ended: the pool drains in random order
+            pool = np.delete(pool, chosen[refilled:], axis=0)
+        yield batch
     if partial_batches and len(pool) > 0:
         yield collate_tokens(pool[rng.permutation(len(pool))])
 
@@ -159,8 +170,18 @@ def take_worker_share(batches: Iterator, total: int) -> Iterator:
     return islice(batches, share)
 
 
+def empty_batch(*shape: int) -> torch.Tensor:
+    """An uninitialised float32 batch. In a DataLoader worker it is made in shared memory, where the batch must go
+    anyway: sending it to the main process then passes a handle instead of copying it into shared memory."""
+    batch = torch.empty(shape)
+    return batch.share_memory_() if torch.utils.data.get_worker_info() is not None else batch
+
+
 def collate_samples(samples: list[dict]) -> dict:
-    return {"act": torch.from_numpy(np.stack([s["act"] for s in samples])).float(),  # [B, N, d]
+    act = empty_batch(len(samples), *samples[0]["act"].shape)  # [B, N, d]
+    for row, sample in zip(act, samples):
+        row.copy_(torch.from_numpy(sample["act"]))  # converts while copying: no float16 batch in between
+    return {"act": act,
             "object": torch.tensor([s["object"] for s in samples], dtype=torch.int64),
             "style": torch.tensor([s["style"] for s in samples], dtype=torch.int64),
             "step": torch.tensor([s["step"] for s in samples], dtype=torch.int64),
@@ -168,7 +189,7 @@ def collate_samples(samples: list[dict]) -> dict:
 
 
 def collate_tokens(tokens: np.ndarray) -> dict:
-    return {"act": torch.from_numpy(tokens).float()}  # [batch_size, d]
+    return {"act": empty_batch(*tokens.shape).copy_(torch.from_numpy(tokens))}  # [batch_size, d]
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -180,9 +201,10 @@ class ActivationDataModule(pl.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, steps: list[int] | None = None):
         """
         Args:
-            shards: A shard folder holding `manifest.json`, or shard URLs: a brace pattern
-                (`/data/shard-r{0..3}-{000000..000009}.tar`), `pipe:` commands, `::`-joined patterns or a list.
-            manifest: The manifest file (or its folder); required when `shards` is not a folder.
+            shards: A shard folder holding `manifest.json`, as a path or a URL (`https://host/activations`), or
+                shard URLs: a brace pattern (`/data/shard-r{0..3}-{000000..000009}.tar`, `http://…`), `pipe:`
+                commands, `::`-joined patterns or a list. URLs are read with curl, as webdataset does.
+            manifest: The manifest file or its folder, as a path or URL; required when `shards` is not a folder.
             batch_size: Samples per batch, or tokens per batch when `token_level`.
             token_level: Stream single tokens (labels dropped) for the unsupervised objective.
             steps_per_epoch: Training batches per epoch and process; the training stream is endless otherwise.
@@ -213,11 +235,12 @@ class ActivationDataModule(pl.LightningDataModule):
     @staticmethod
     def _resolve(shards: str | list[str], manifest_path: str | None) -> tuple[ShardManifest, list[str]]:
         """The manifest and the shard URLs, checked against each other."""
-        if isinstance(shards, str) and not SHARD_NAME.search(shards):  # a folder (names no .tar file)
+        if isinstance(shards, str) and not SHARD_NAME.search(shards) and not shards.startswith("pipe:"):  # a folder
             manifest = ShardManifest.load(manifest_path or shards)
-            urls = [str(Path(shards) / record.name) for record in manifest.shards]
+            urls = [shard_location(shards, record.name) for record in manifest.shards]
         elif manifest_path is None:
-            raise ValueError(f"data.manifest is required when data.shards ({shards!r}) is not a shard folder.")
+            raise ValueError(f"data.manifest is required when data.shards ({shards!r}) is not a shard folder: give "
+                             "the folder (a path or URL holding manifest.json), or the manifest's path or URL.")
         else:
             manifest = ShardManifest.load(manifest_path)
             urls = wds.shardlists.expand_source(shards)
@@ -227,7 +250,7 @@ class ActivationDataModule(pl.LightningDataModule):
         for url in urls:
             if shard_name(url) not in listed:
                 raise ValueError(f"Shard {url} is not listed in the manifest of {shards!r}.")
-            if ":" not in url and not Path(url).is_file():
+            if not is_url(url) and not Path(url).is_file():
                 raise FileNotFoundError(f"The manifest of {shards!r} lists shard {shard_name(url)}, "
                                         f"but {url} is missing.")
         return manifest, sorted(urls, key=shard_name)
@@ -276,7 +299,7 @@ class ActivationDataModule(pl.LightningDataModule):
         (validation: a finite pass in order)."""
         expected = {record.name: record.num_samples for record in self.manifest.shards}
         shape = (self.tokens_per_sample, self.d_in)
-        stages = [*shard_source, partial(read_shards, expected=expected), wds.decode(),
+        stages = [*shard_source, partial(read_shards, expected=expected),
                   wds.map(partial(label_sample, vocabulary=self.vocabulary, shape=shape))]
         if self.steps is not None:
             stages.append(wds.select(partial(step_is_kept, steps=self.steps)))

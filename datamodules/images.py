@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from saemnesia.metrics import NO_ERASURE
+from saemnesia.concepts import NO_ERASURE
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "generation.json"

@@ -25,8 +25,8 @@ from typing import Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary, styled_prompt
-from saemnesia.generation import NO_ERASURE, PromptItem
+from saemnesia.concepts import NO_ERASURE, UNLEARNCANVAS, ConceptVocabulary, styled_prompt
+from saemnesia.generation import PromptItem
 
 PLAIN = "plain"
 """Stands for the missing style in prompt ids."""

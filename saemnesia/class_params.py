@@ -50,6 +50,18 @@ _NUMPY_SCALAR_GLOBALS = [
 ]
 
 
+def top_latents_percentile(num_latents: int, count: int) -> float:
+    """The percentile whose threshold (`saemnesia.stats.above_quantile`) keeps exactly the `count` highest of
+    `num_latents` distinct scores: SAeUron's percentiles at L = 20480 translated to another dictionary size.
+
+    The threshold interpolates at sorted position `p / 100 · (L − 1)`; any position strictly between
+    `L − 1 − count` and `L − count` keeps `count` scores, so the middle one is returned.
+    """
+    if not 0 < count < num_latents:
+        raise ValueError(f"count must lie in 1..{num_latents - 1} (num_latents - 1), got {count}.")
+    return 100 * (num_latents - count - 0.5) / (num_latents - 1)
+
+
 def search_grid(method: str = "saemnesia") -> list[ConceptParams]:
     """Candidate parameters of a per-concept search: 7 for SAEmnesia, 3 percentiles × 7 multipliers for SAeUron."""
     if method not in SEARCH_METHODS:

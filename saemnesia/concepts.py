@@ -20,6 +20,9 @@ from saemnesia.io import atomic_write_text
 NO_STYLE = -1
 """Style index of a plain prompt ("An image of {object}."), which has no style latent."""
 
+NO_ERASURE = "none"
+"""Target label of the images generated without erasure (the reference): an unlearning run's folder name."""
+
 
 @dataclass(frozen=True)
 class ConceptVocabulary:

@@ -1,9 +1,14 @@
-"""`make demo`: the whole workflow on the toy configs, one CLI run per step, then the results table.
+"""`make demo`: the whole workflow on ToyCanvas, one CLI run per step, then the comparison table and a sample grid.
 
-    python -m saemnesia.demo            # from the repository root; writes under runs/toy/
+    python -m saemnesia.demo            # from the repository root; writes under runs/toy/ and runs/demo/
 
 Each step is exactly the command a user would type (`python cli.py <subcommand> -c <config> [overrides]`), run in
 this process. A step whose output already exists is skipped, so an interrupted demo resumes where it stopped.
+
+Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation: the
+supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
+(a SAeUron-style baseline: latents chosen by importance score, a documented subset of the percentile × multiplier
+grid, `SAEURON_DEMO_GRID`).
 """
 
 from __future__ import annotations
@@ -14,14 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import main as cli_main
-from saemnesia.class_params import SAEMNESIA_MULTIPLIERS
+from saemnesia.class_params import SAEMNESIA_MULTIPLIERS, SAEMNESIA_PERCENTILE, ConceptParams, top_latents_percentile
+from saemnesia.concepts import NO_ERASURE
+from saemnesia.demo_report import report_table, write_sample_grid
 from saemnesia.evaluation import RESULTS_JSON
 from saemnesia.io import atomic_write_text
+from saemnesia.toy import TOY_OBJECTS
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/toy")
-CLASS_PARAMS = RUNS / "class_params.json"
-REPORT = Path("runs/demo/report.md")
+REPORT_DIR = Path("runs/demo")
+TOY_NUM_LATENTS = 1024
+"""Latents of the toy SAEs (64 channels × expansion 16, configs/toy/sae.yaml)."""
+
+TOP_LATENTS_PERCENTILES = {count: top_latents_percentile(TOY_NUM_LATENTS, count) for count in (3, 2, 1)}
+"""SAeUron's percentiles select the top 3, 2 or 1 latents at L = 20480; these select as many of the toy SAE's."""
+SAEURON_TOY_GRID: tuple[ConceptParams, ...] = tuple(
+    {"percentile": percentile, "multiplier": m} for percentile in TOP_LATENTS_PERCENTILES.values()
+    for m in SAEMNESIA_MULTIPLIERS)
+"""SAeUron's search grid on the toy SAEs: 3 latent counts × 7 multipliers, 21 runs."""
+SAEURON_DEMO_GRID: tuple[ConceptParams, ...] = tuple(
+    {"percentile": TOP_LATENTS_PERCENTILES[count], "multiplier": m} for count in (3, 1) for m in (-5.0, -15.0, -30.0))
+"""The subset `make demo` searches so that it fits in 10 minutes on 2 cores: top-3 and top-1 latents with 3
+multipliers spanning the range, 6 runs. `main(DemoSetting(baseline_grid=SAEURON_TOY_GRID))` searches all 21."""
 
 
 @dataclass(frozen=True)
@@ -40,31 +60,130 @@ def cli_step(title: str, subcommand: str, config: str, output: Path, *overrides:
     return Step(title, (subcommand, "-c", str(REPO / config), *overrides), output)
 
 
-def multiplier_search() -> list[Step]:
-    """SPEC §5: one generation + evaluation per multiplier; the selector keeps each concept's best."""
-    steps = []
-    for multiplier in SAEMNESIA_MULTIPLIERS:
-        run = RUNS / f"sweep/m{multiplier:g}"
-        steps.append(cli_step(f"search m={multiplier:g}: generate", "predict", "configs/toy/sweep.yaml",
-                              run / "manifest.jsonl", f"--model.init_args.erasure.multiplier={multiplier}",
-                              f"--trainer.callbacks.output_dir={run}", f"--trainer.default_root_dir={run}"))
-        steps.append(cli_step(f"search m={multiplier:g}: evaluate", "test", "configs/toy/evaluate.yaml",
-                              run / RESULTS_JSON, f"--data.init_args.root={run}", f"--model.init_args.output_dir={run}",
-                              "--trainer.logger=false", "--trainer.callbacks+=callbacks.ClassParamsSelector",
-                              f"--trainer.callbacks.sweep_dir={RUNS / 'sweep'}",
-                              f"--trainer.callbacks.outputs=[{CLASS_PARAMS}]"))
-    return steps
+@dataclass(frozen=True)
+class DemoSetting:
+    """What the demo generates and trains, as overrides of the toy configs; `None` keeps the config's value."""
+
+    objects: tuple[str, ...] | None = None
+    """Objects prompted for, erased and evaluated (configs: all 8)."""
+    styles: tuple[str, ...] | None = None
+    """Styles of the cached and evaluated prompts (configs: all 8)."""
+    sae_steps: int | None = None
+    """Training steps of the unsupervised SAE."""
+    supervised_steps: int | None = None
+    """Training steps of the supervised fine-tuning."""
+    saemnesia_multipliers: tuple[float, ...] = SAEMNESIA_MULTIPLIERS
+    """SAEmnesia's search: one run per multiplier at percentile 99.999 (one latent)."""
+    baseline_grid: tuple[ConceptParams, ...] = SAEURON_DEMO_GRID
+    """The unsupervised baseline's search: one run per `{percentile, multiplier}`."""
+
+    @property
+    def erased(self) -> tuple[str, ...]:
+        return self.objects or TOY_OBJECTS
+
+    def data(self, styles: bool = True) -> tuple[str, ...]:
+        """Overrides of a prompt data module: the objects, and the styles unless the config keeps its own."""
+        chosen = {"objects": self.objects, "styles": self.styles if styles else None}
+        return tuple(f"--data.init_args.{key}=[{', '.join(names)}]" for key, names in chosen.items() if names)
+
+    def max_steps(self, steps: int | None) -> tuple[str, ...]:
+        return () if steps is None else (f"--trainer.max_steps={steps}",)
 
 
-STEPS = [
-    cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json"),
-    cli_step("unsupervised SAE", "fit", "configs/toy/sae.yaml", RUNS / "sae/checkpoints/last.ckpt"),
-    cli_step("supervised SAE", "fit", "configs/toy/sae_supervised.yaml", RUNS / "sae_supervised/checkpoints/last.ckpt"),
-    cli_step("concept statistics", "predict", "configs/toy/stats.yaml", RUNS / "stats/concept_stats.safetensors"),
-    *multiplier_search(),
-    cli_step("unlearning generation", "predict", "configs/toy/unlearn.yaml", RUNS / "unlearn/images/manifest.jsonl"),
-    cli_step("evaluation", "test", "configs/toy/evaluate.yaml", RUNS / "evaluate" / RESULTS_JSON),
-]
+@dataclass(frozen=True)
+class Eraser:
+    """One erasing SAE of the comparison and the folders of its runs."""
+
+    label: str
+    """Row name in the table."""
+    sae: Path
+    """The SAE folder (`SaeExport`'s output)."""
+    name: str
+    """Suffix of this eraser's run folders under `runs/toy/`."""
+    grid: tuple[ConceptParams, ...]
+    """Candidate `{percentile, multiplier}` of the search, one generation run each."""
+    reference: bool
+    """Also generate the unerased images (target `none`); once is enough, with one eraser."""
+
+    def folder(self, kind: str) -> Path:
+        return RUNS / f"{kind}_{self.name}"
+
+    @property
+    def stats(self) -> Path:
+        return self.folder("stats") / "concept_stats.safetensors"
+
+    @property
+    def class_params(self) -> Path:
+        return RUNS / f"class_params_{self.name}.json"
+
+    @property
+    def images(self) -> Path:
+        return self.folder("unlearn") / "images"
+
+    @property
+    def results(self) -> Path:
+        return self.folder("evaluate") / RESULTS_JSON
+
+
+def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
+    """The unsupervised baseline and the supervised SAE, in table order."""
+    saemnesia_grid = tuple({"percentile": SAEMNESIA_PERCENTILE, "multiplier": m} for m in setting.saemnesia_multipliers)
+    return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", setting.baseline_grid, False),
+            Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", saemnesia_grid, True))
+
+
+def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
+    """`model.erasure` overrides: this eraser's SAE and statistics, plus `settings` (e.g. `multiplier=-5`)."""
+    settings = {"sae": eraser.sae, "stats": eraser.stats, **settings}
+    return tuple(f"--model.init_args.erasure.{key}={value}" for key, value in settings.items())
+
+
+def evaluation(title: str, images: Path, output_dir: Path, *overrides: str) -> Step:
+    return cli_step(title, "test", "configs/toy/evaluate.yaml", output_dir / RESULTS_JSON,
+                    f"--data.init_args.root={images}", f"--model.init_args.output_dir={output_dir}",
+                    f"--trainer.default_root_dir={output_dir}", *overrides)
+
+
+def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
+    """Statistics, the parameter search (SPEC §5), unlearning generation and evaluation with one SAE."""
+    stats = cli_step(f"{eraser.name}: concept statistics", "predict", "configs/toy/stats.yaml", eraser.stats,
+                     f"--trainer.callbacks.sae={eraser.sae}", f"--trainer.callbacks.output={eraser.stats}",
+                     f"--trainer.default_root_dir={eraser.stats.parent}", *setting.data(styles=False))
+    targets = f"--data.init_args.targets=[{', '.join(setting.erased)}]"
+    search = []
+    for params in eraser.grid:
+        run = eraser.folder("sweep") / f"p{params['percentile']:g}_m{params['multiplier']:g}"
+        name = f"{eraser.name}: search p={params['percentile']:g} m={params['multiplier']:g}"
+        search.append(cli_step(f"{name}, generate", "predict", "configs/toy/sweep.yaml", run / "manifest.jsonl",
+                               *erasure_overrides(eraser, **params), *setting.data(styles=False), targets,
+                               f"--trainer.callbacks.output_dir={run}", f"--trainer.default_root_dir={run}"))
+        # Each evaluation reselects every concept's best parameters from the runs evaluated so far.
+        search.append(evaluation(f"{name}, evaluate", run, run, "--trainer.logger=false",
+                                 "--trainer.callbacks+=callbacks.ClassParamsSelector",
+                                 f"--trainer.callbacks.sweep_dir={eraser.folder('sweep')}",
+                                 f"--trainer.callbacks.outputs=[{eraser.class_params}]"))
+    unlearn_targets = (*setting.erased, NO_ERASURE) if eraser.reference else setting.erased
+    unlearn = cli_step(f"{eraser.name}: unlearning generation", "predict", "configs/toy/unlearn.yaml",
+                       eraser.images / "manifest.jsonl", *erasure_overrides(eraser, class_params=eraser.class_params),
+                       *setting.data(), f"--data.init_args.targets=[{', '.join(unlearn_targets)}]",
+                       f"--trainer.callbacks.output_dir={eraser.images}",
+                       f"--trainer.default_root_dir={eraser.images.parent}")
+    evaluate = evaluation(f"{eraser.name}: evaluation", eraser.images, eraser.results.parent,
+                          f"--trainer.logger.init_args.name=evaluate_{eraser.name}")
+    return [stats, *search, unlearn, evaluate]
+
+
+def workflow(setting: DemoSetting) -> list[Step]:
+    """Every step of the demo, in order."""
+    return [
+        cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json",
+                 *setting.data()),
+        cli_step("unsupervised SAE", "fit", "configs/toy/sae.yaml", RUNS / "sae/checkpoints/last.ckpt",
+                 *setting.max_steps(setting.sae_steps)),
+        cli_step("supervised SAE", "fit", "configs/toy/sae_supervised.yaml",
+                 RUNS / "sae_supervised/checkpoints/last.ckpt", *setting.max_steps(setting.supervised_steps)),
+        *(step for eraser in erasers(setting) for step in eraser_steps(eraser, setting)),
+    ]
 
 
 def run(steps: list[Step]) -> None:
@@ -79,27 +198,21 @@ def run(steps: list[Step]) -> None:
         print(f"    finished in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def report(results: dict) -> str:
-    """The demo's table: the unerased model's accuracies and the supervised SAE's erasure scores, in %."""
-    objects, reference = results["objects"], results.get("reference") or {}
-    searched = sum(1 for _ in (RUNS / "sweep").glob(f"m*/{RESULTS_JSON}"))
-    rows = [
-        "| model | UA | IRA | CRA | generation runs of the search |",
-        "|---|---|---|---|---|",
-        f"| no erasure (object / style accuracy) | – | {100 * reference.get('object_accuracy', float('nan')):.1f} "
-        f"| {100 * reference.get('style_accuracy', float('nan')):.1f} | – |",
-        f"| supervised SAE (SAEmnesia) | {100 * objects['UA']:.1f} | {100 * objects['IRA']:.1f} "
-        f"| {100 * objects['CRA']:.1f} | {searched} |",
-    ]
-    return "\n".join(rows) + "\n"
-
-
-def main() -> None:
-    run(STEPS)
-    results = json.loads((RUNS / "evaluate" / RESULTS_JSON).read_text())
-    table = report(results)
-    atomic_write_text(REPORT, f"# ToyCanvas demo\n\n{table}")
-    print(f"\n{table}\nWritten to {REPORT}; TensorBoard: tensorboard --logdir {RUNS / 'logs'}")
+def main(setting: DemoSetting = DemoSetting()) -> str:
+    """Run (or resume) the workflow, then write `runs/demo/report.md` and `samples.png`; returns the table."""
+    started = time.perf_counter()
+    run(workflow(setting))
+    compared = erasers(setting)
+    results = {eraser.label: json.loads(eraser.results.read_text()) for eraser in compared}
+    table = report_table(results, {eraser.label: len(eraser.grid) for eraser in compared})
+    reference = next(eraser.images for eraser in compared if eraser.reference)
+    write_sample_grid(REPORT_DIR / "samples.png", reference, {eraser.label: eraser.images for eraser in compared})
+    columns = " | ".join(["no erasure", *(eraser.label for eraser in compared)])
+    atomic_write_text(REPORT_DIR / "report.md", f"# ToyCanvas demo\n\n{table}\n![One row per object: {columns}]"
+                      "(samples.png)\n")
+    print(f"\n{table}\nWritten to {REPORT_DIR / 'report.md'} and {REPORT_DIR / 'samples.png'} (columns: {columns}) "
+          f"in {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {RUNS / 'logs'}", flush=True)
+    return table
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from datamodules.images import ImageRecord, load_image
 from saemnesia.classifiers import ClassifierConfig, load_classifier
+from saemnesia.concepts import NO_ERASURE
 from saemnesia.io import atomic_write_text
-from saemnesia.metrics import NO_ERASURE, AccuracyTable, UnlearningCounts, summarize
+from saemnesia.metrics import AccuracyTable, UnlearningCounts, summarize
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
+from saemnesia.concepts import NO_ERASURE
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
 from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype, save_tiny_pipeline
@@ -29,9 +30,6 @@ from saemnesia.unlearning import ConceptEraser
 
 CAPTURE_DTYPE = torch.float16
 """Captured activations are kept as float16: the shard format's dtype, half the bytes to move to the host."""
-
-NO_ERASURE = "none"
-"""Target label of an item generated without erasure (its image folder in unlearning runs)."""
 
 
 class PromptItem(NamedTuple):

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-NO_ERASURE = "none"
-"""Folder label of the images generated without erasure (the reference)."""
+from saemnesia.concepts import NO_ERASURE
 
 
 class AccuracyCounts(NamedTuple):

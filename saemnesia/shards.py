@@ -3,31 +3,56 @@
 One sample per (image, sampling step), key `"{prompt_id}_{step:04d}"`, holding `act.npy` (float16 `[N, d]`, no
 pickle) and `json` (labels and provenance, `SAMPLE_META_KEYS`). A shard appears under its final name only once it
 is complete, so a crashed writer leaves at most one `.tar.tmp` file and every `.tar` in a folder is whole.
+A shard folder is read from a path or from any URL webdataset opens (`http(s)://` through curl, `pipe:` commands).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tarfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import Pipe
+from webdataset.tariterators import group_by_keys
 
 from saemnesia.concepts import ConceptVocabulary
 from saemnesia.io import atomic_write_text
 
 MANIFEST_FILE = "manifest.json"
 SHARD_DTYPE = "float16"
+SAMPLE_FILES = ("act.npy", "json")
+"""Files of every sample, by extension."""
 SAMPLE_META_KEYS = ("object", "style", "step", "timestep", "prompt_id", "prompt", "seed", "hookpoint", "half")
 """Keys every sample's `json` must carry."""
 MANIFEST_KEYS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concepts", "dtype", "shards")
 #: Fields on which manifests written by different ranks must agree to be merged.
 MERGE_FIELDS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concepts", "dtype")
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+"""Start of a URL or `pipe:` command (two letters at least, so that a Windows drive letter stays a path)."""
+NPY_HEADER_BYTES = 4096
+"""Bytes that hold any `.npy` header this project writes (numpy pads them to 64 or 128 bytes)."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL or `pipe:` command for webdataset to open, rather than a local path."""
+    return bool(URL_SCHEME.match(str(location)))
+
+
+def shard_location(folder: str | os.PathLike, name: str) -> str:
+    """Path or URL of the shard `name` inside a local or remote (URL) shard folder."""
+    return f"{str(folder).rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
 
 
 def sample_key(prompt_id: str | int, step: int) -> str:
@@ -85,9 +110,15 @@ class ShardManifest:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ShardManifest:
-        """Read a manifest from a shard folder (its `manifest.json`) or from a manifest file path."""
-        path = Path(path)
+    def load(cls, location: str | os.PathLike) -> ShardManifest:
+        """Read a manifest from a shard folder (its `manifest.json`) or a manifest file, each a path or a URL
+        (a URL whose path does not end in `.json` is a folder; a `pipe:` command prints the file)."""
+        if is_url(location):
+            url = str(location)
+            if not url.startswith("pipe:") and not urlparse(url).path.endswith(".json"):
+                url = f"{url.rstrip('/')}/{MANIFEST_FILE}"
+            return cls.from_json(read_url(url, what="Shard manifest"), url)
+        path = Path(location)
         if path.is_dir():
             path = path / MANIFEST_FILE
             if not path.is_file():
@@ -96,15 +127,21 @@ class ShardManifest:
         elif not path.exists():
             raise FileNotFoundError(f"{path} does not exist; expected a shard folder holding {MANIFEST_FILE} "
                                     "or a manifest file.")
+        return cls.from_json(path.read_bytes(), path)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str | os.PathLike) -> ShardManifest:
+        """Parse the JSON of a manifest read from `source` (named in errors)."""
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"Shard manifest {path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+            raise ValueError(f"Shard manifest {source} is not valid JSON "
+                             f"({error.msg} at line {error.lineno}).") from None
         missing = [key for key in MANIFEST_KEYS if not isinstance(data, dict) or key not in data]
         if missing:
-            raise ValueError(f"Shard manifest {path} is missing keys {missing}; expected {list(MANIFEST_KEYS)}.")
+            raise ValueError(f"Shard manifest {source} is missing keys {missing}; expected {list(MANIFEST_KEYS)}.")
         if data["dtype"] != SHARD_DTYPE:
-            raise ValueError(f"Shard manifest {path} has dtype {data['dtype']!r}; only {SHARD_DTYPE!r} is supported.")
+            raise ValueError(f"Shard manifest {source} has dtype {data['dtype']!r}; only {SHARD_DTYPE!r} is supported.")
         return cls(hookpoint=data["hookpoint"], d_in=int(data["d_in"]),
                    tokens_per_sample=int(data["tokens_per_sample"]), num_steps=int(data["num_steps"]),
                    concepts=ConceptVocabulary.from_dict(data["concepts"]),
@@ -128,6 +165,86 @@ class ShardManifest:
             raise ValueError(f"Cannot merge shard manifests: shards {repeated} are listed more than once.")
         return cls(hookpoint=first.hookpoint, d_in=first.d_in, tokens_per_sample=first.tokens_per_sample,
                    num_steps=first.num_steps, concepts=first.concepts, shards=shards, dtype=first.dtype)
+
+
+def close_stream(stream: IO[bytes]) -> None:
+    """Close a stream from `wds.gopen`; a `pipe:` command or download (curl) that failed raises an OSError saying
+    which program exited with which status (webdataset's own error prints the whole argument list)."""
+    try:
+        stream.close()
+    except OSError as error:
+        if not isinstance(stream, Pipe):
+            raise
+        command = stream.args[0][0]  # the shell command of `pipe:`, or curl's argument list
+        program = command if isinstance(command, str) else command[0]
+        raise OSError(f"{program!r} exited with status {stream.status}") from error
+
+
+def read_url(url: str, what: str) -> bytes:
+    """The whole content at a URL or `pipe:` command; FileNotFoundError naming `what` if it cannot be fetched."""
+    try:
+        stream = wds.gopen(url)
+        try:
+            content = stream.read()
+        finally:
+            close_stream(stream)
+    except OSError as error:
+        raise FileNotFoundError(f"{what} {url} could not be read ({error}).") from error
+    return content
+
+
+def npy_array(contents: np.ndarray) -> np.ndarray:
+    """The array of an `.npy` file's bytes (uint8), as a view of them: `np.load` would copy it once more."""
+    formats = np.lib.format
+    with io.BytesIO(contents[:NPY_HEADER_BYTES].tobytes()) as header:
+        version = formats.read_magic(header)
+        read_header = formats.read_array_header_1_0 if version == (1, 0) else formats.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(header)
+        offset = header.tell()
+    if fortran_order:  # never written by ShardSink; a C-order view would transpose it silently
+        raise ValueError("Expected a C-ordered .npy array, got a Fortran-ordered one.")
+    return contents[offset:].view(dtype).reshape(shape)
+
+
+def tar_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, bytes as a uint8 array) of each file of a tar stream, in order.
+
+    A seekable stream (a local file) is read with random access, each file with one read straight into its array;
+    webdataset's streaming reader copies every file several times in 10 KiB blocks (3× slower on SD1.5 maps).
+    Other streams (URLs, `pipe:` commands) are read in order.
+    """
+    seekable = getattr(stream, "seekable", lambda: False)()
+    with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            contents = np.empty(member.size, np.uint8)  # uninitialised: filled by the read below
+            if seekable:
+                stream.seek(member.offset_data)
+                if stream.readinto(contents) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+            else:
+                contents[:] = np.frombuffer(archive.extractfile(member).read(), np.uint8)
+            yield member.name, contents
+
+
+def shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard (a path or URL) in file order, decoded: `{__key__, __url__, act.npy: float16 [N, d]
+    array, json: dict}`. A sample missing a file raises `tarfile.ReadError`: tarfile ends quietly at a header that
+    was cut short, so a shard truncated there would otherwise lose the end of a sample unnoticed."""
+    stream = wds.gopen(url)
+    try:
+        files = ({"fname": name, "data": contents, "__url__": url} for name, contents in tar_files(stream))
+        for sample in group_by_keys(files):
+            missing = [name for name in SAMPLE_FILES if name not in sample]
+            if missing:
+                raise tarfile.ReadError(f"sample {sample['__key__']} lacks {missing}")
+            sample["act.npy"], sample["json"] = npy_array(sample["act.npy"]), json.loads(sample["json"].tobytes())
+            yield sample
+    except Exception:
+        close_stream(stream)  # a failed command or download says more than the tar error it caused
+        raise
+    close_stream(stream)  # (a consumer that stops early leaves the stream to the garbage collector, unchecked)
 
 
 def shard_keys(path: str | os.PathLike) -> list[str]:
@@ -182,7 +299,9 @@ class ShardSink:
 
     def _open_shard(self) -> None:
         self.stream = open(self._final_path().with_suffix(".tar.tmp"), "wb")
-        self.writer = wds.TarWriter(self.stream)
+        # A whole-second mtime fits the plain ustar header; webdataset's default (a float) adds a pax header to every
+        # file, which doubles the headers a reader parses.
+        self.writer = wds.TarWriter(self.stream, mtime=int(time.time()))
         self.samples_in_shard = self.bytes_in_shard = 0
 
     def _finish_shard(self) -> None:

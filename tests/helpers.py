@@ -10,6 +10,12 @@ import numpy as np
 from saemnesia.concepts import ConceptVocabulary
 from saemnesia.shards import ShardManifest, ShardSink, sample_key
 
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+"""CLI overrides that keep test output short."""
+TINY_PIPELINE = ["--model.init_args.pipeline=runs/toy/pipeline", "--model.init_args.height=64",
+                 "--model.init_args.width=64"]
+"""CLI overrides running a toy generation config on the tiny test pipeline linked at `runs/toy/pipeline` (64 px,
+so that its hookpoint has 4×4 tokens like the shipped ToyCanvas model's at 32 px)."""
 TOY_VOCABULARY = ConceptVocabulary(objects=("Bears", "Cats", "Dogs"), styles=("Cubism", "Monet"))
 
 

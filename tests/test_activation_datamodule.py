@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -244,20 +245,26 @@ def test_labels_outside_the_vocabulary_name_the_shard(shard_folder, tmp_path: Pa
         list(data.val_dataloader())
 
 
-@pytest.mark.parametrize(("keep_bytes", "message"), [
-    (1500, r"could not be read \(ReadError\); it is truncated or corrupt"),  # cut inside a tar header
-    (4 * 512 * 4, r"holds 2 samples but the manifest lists \d+"),  # cut exactly after the second sample
+@pytest.mark.parametrize(("cut", "message"), [
+    ("inside_a_header", r"could not be read \(ReadError\); it is truncated or corrupt"),
+    ("inside_data", r"could not be read \(ReadError\); it is truncated or corrupt"),
+    ("after_the_second_sample", r"holds 2 samples but the manifest lists \d+"),
 ])
-def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, keep_bytes: int, message: str) -> None:
+def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, cut: str, message: str) -> None:
     """Damaged shards stop the run (the documented choice), however the file was cut."""
     folder, _ = shard_folder
     damaged = copy_folder(folder, tmp_path / "damaged")
     shard = damaged / "shard-r0-000000.tar"
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()  # two files per sample: act.npy, json
+    keep_bytes = {"inside_a_header": members[1].offset + 100, "inside_data": members[2].offset_data + 10,
+                  "after_the_second_sample": members[4].offset}[cut]
     shard.write_bytes(shard.read_bytes()[:keep_bytes])
-    data = ActivationDataModule(str(damaged), val_fraction=0.0)
-    data.train_urls = [str(shard)]  # read only the damaged shard
-    with pytest.raises(ValueError, match=f"Shard {shard} {message}"):
-        list(data.train_dataloader())
+    for url in (str(shard), f"pipe:cat {shard}"):  # read with random access, and as a stream
+        data = ActivationDataModule(str(damaged), val_fraction=0.0)
+        data.train_urls = [url]  # read only the damaged shard
+        with pytest.raises(ValueError, match=f"Shard {url} {message}"):
+            list(data.train_dataloader())
 
 
 def test_token_pool_emits_every_token_once_in_mixed_batches():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
+from helpers import QUIET, TINY_PIPELINE
 
 from cli import main
 from datamodules.prompts import PromptDataModule
@@ -25,11 +26,11 @@ from saemnesia.shards import ShardManifest, sample_key
 REPO = Path(__file__).resolve().parents[1]
 CACHE_CONFIG = str(REPO / "configs/toy/cache.yaml")
 HOOKPOINT = "unet.up_blocks.1.attentions.1"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # 32 prompts × 3 steps = 96 samples in shards closed after 16 samples (at the next prompt: 18 samples each).
-SMALL = ["--model.init_args.num_steps=3", "--data.init_args.seeds=[0, 1]", "--trainer.callbacks.max_samples=16",
-         *QUIET]
 OBJECTS, STYLES = ("Circle", "Square", "Triangle", "Star"), ("Pop_Art", "Blueprint", "Sunset")
+SMALL = ["--model.init_args.num_steps=3", "--data.init_args.seeds=[0, 1]", "--trainer.callbacks.max_samples=16",
+         f"--data.init_args.objects=[{', '.join(OBJECTS)}]", f"--data.init_args.styles=[{', '.join(STYLES)}]",
+         "--data.init_args.batch_size=8", *TINY_PIPELINE, *QUIET]
 EXPECTED_KEYS = {sample_key(f"{obj}-{style or 'plain'}-000-s{seed}", step)
                  for obj in OBJECTS for style in (*STYLES, None) for seed in (0, 1) for step in range(3)}
 
@@ -87,7 +88,7 @@ def test_cached_shards_feed_sae_training(toy_cwd):
     assert samples[sample_key("Star-plain-000-s1", 0)][1]["style"] is None
     # The stored map is what the module generates for that prompt alone.
     module = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
-                             capture=CaptureConfig(halves="cond"))
+                             guidance_scale=7.5, capture=CaptureConfig(halves="cond"))
     module.setup("predict")
     direct = module.generate([PromptItem("Star-Blueprint-000-s1", meta["prompt"], "Star", "Blueprint", 1)])
     assert meta["timestep"] == direct.timesteps[2]

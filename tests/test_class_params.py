@@ -19,8 +19,10 @@ from saemnesia.class_params import (
     load_class_params,
     save_class_params,
     search_grid,
+    top_latents_percentile,
     validate_class_params,
 )
+from saemnesia.stats import above_quantile
 
 PARAMS = {
     "Bears": {"percentile": 99.999, "multiplier": -5.0},
@@ -120,3 +122,16 @@ def test_search_grids() -> None:
     assert SAEURON_PERCENTILES == (99.99, 99.995, 99.999)
     with pytest.raises(ValueError, match="Unknown search method 'esd'"):
         search_grid("esd")
+
+
+@pytest.mark.parametrize("num_latents", [1024, 20480])
+def test_top_latents_percentile_keeps_that_many_latents(num_latents: int) -> None:
+    scores = torch.randperm(num_latents).double()  # distinct scores
+    for count in (1, 2, 3, 10):
+        kept = above_quantile(scores, top_latents_percentile(num_latents, count))
+        assert torch.equal(kept.nonzero().flatten().sort().values, scores.topk(count).indices.sort().values)
+    if num_latents == 20480:  # SAeUron's published percentiles select the same counts
+        for percentile, count in zip(SAEURON_PERCENTILES, (3, 2, 1)):
+            assert above_quantile(scores, percentile).sum() == count
+    with pytest.raises(ValueError, match="count must lie in 1"):
+        top_latents_percentile(num_latents, 0)

@@ -1,6 +1,8 @@
-"""`fit` through the CLI entry point: both toy configs, 2-process CPU DDP, and exact resumption."""
+"""`fit` through the CLI entry point: both toy configs, 2-process CPU DDP on one or two (simulated) nodes, and exact
+resumption."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,18 +56,34 @@ def test_print_config_shows_the_linked_recipe(toy_run, capsys):
     assert "reload_dataloaders_every_n_epochs: 1" in printed
 
 
-def cli_subprocess(workdir: Path, data: Path, *args: str, config: str = "configs/toy/sae.yaml") -> None:
-    """`cli.py fit` of a toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`."""
+def start_cli(workdir: Path, data: Path, *args: str, config: str = "configs/toy/sae.yaml",
+              env: dict[str, str] | None = None, log: str = "cli.log") -> subprocess.Popen:
+    """Start `cli.py fit` of a toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`,
+    with `env` added to the environment; its output goes to `workdir/log` (a pipe could fill and block it)."""
     (workdir / "runs/toy").mkdir(parents=True, exist_ok=True)
     if not (workdir / "runs/toy/activations").exists():
         (workdir / "runs/toy/activations").symlink_to(data)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "-c", str(REPO / config),
-                             *SMALL, "--trainer.max_steps=6", "--data.init_args.steps_per_epoch=3",
-                             "--data.init_args.batch_size=64", "--trainer.limit_val_batches=0",
-                             "--trainer.callbacks+=cli_probes.DumpRankState", "--trainer.callbacks.dirpath=final",
-                             *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), **(env or {})}
+    with (workdir / log).open("w") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, str(REPO / "cli.py"), "fit", "-c", str(REPO / config),
+                                 *SMALL, "--trainer.max_steps=6", "--data.init_args.steps_per_epoch=3",
+                                 "--data.init_args.batch_size=64", "--trainer.limit_val_batches=0",
+                                 "--trainer.callbacks+=cli_probes.DumpRankState", "--trainer.callbacks.dirpath=final",
+                                 *args], cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def wait_for_cli(process: subprocess.Popen, log: Path) -> None:
+    """Wait for a `start_cli` process and check it succeeded, showing the end of its output if not."""
+    try:
+        process.wait(timeout=300)
+    finally:
+        process.kill()  # no-op once it has exited; ends it if the wait timed out
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+def cli_subprocess(workdir: Path, data: Path, *args: str, config: str = "configs/toy/sae.yaml") -> None:
+    """`cli.py fit` of a toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`."""
+    wait_for_cli(start_cli(workdir, data, *args, config=config), workdir / "cli.log")
 
 
 def assert_ranks_identical(folder: Path) -> dict[str, torch.Tensor]:
@@ -93,6 +111,30 @@ def test_two_process_ddp_fit_keeps_ranks_identical(toy_run):
     assert not torch.equal(rank0["sae.W_dec"], unsupervised.W_dec)
     latents = load_concept_latents(workdir / "runs/toy/sae_supervised" / HOOKPOINT / "concept_latents.json")
     assert len(set(latents.values())) == 5
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it for a socket bound to port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_train_in_step(toy_run):
+    """Two `cli.py fit` launches with node ranks 0 and 1, started as a scheduler or torchrun starts them on two
+    machines (here both on 127.0.0.1): Lightning reads the rendezvous from the environment and spawns nothing."""
+    data, workdir = toy_run / "runs/toy/activations", toy_run / "nodes"
+    nodes = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"]
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0"}
+    launches = [start_cli(workdir, data, *nodes, env={**rendezvous, "NODE_RANK": str(node)}, log=f"node{node}.log")
+                for node in (0, 1)]
+    for node, process in enumerate(launches):
+        wait_for_cli(process, workdir / f"node{node}.log")
+    rank0 = assert_ranks_identical(workdir / "final")  # node 1's process ran as global rank 1
+    # Both nodes' tokens reached the shared dead-latent counters (6 steps × 64 tokens × 2 ranks at most).
+    assert 6 * 64 < rank0["dead_latents.tokens_since_fired"].max() <= 6 * 64 * 2
+    unsupervised = SparseAutoencoder.load(workdir / "runs/toy/sae", HOOKPOINT)
+    torch.testing.assert_close(unsupervised.W_dec, rank0["sae.W_dec"])
 
 
 def test_resumed_training_equals_uninterrupted_training(toy_run):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET, TINY_PIPELINE
 
 from cli import main
 from datamodules.prompts import PromptDataModule
@@ -21,7 +22,7 @@ VOCABULARY = ConceptVocabulary(objects=("Circle", "Square", "Triangle", "Star"),
 # 2 objects × (Pop_Art + plain) × 2 seeds = 8 images in one batch, 3 steps.
 SMALL = ["--model.init_args.num_steps=3", "--data.init_args.objects=[Circle, Square]",
          "--data.init_args.styles=[Pop_Art]", "--data.init_args.seeds=[0, 1]",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+         "--data.init_args.batch_size=8", *TINY_PIPELINE, *QUIET]
 OUTPUT = "runs/toy/stats/concept_stats.safetensors"
 
 
@@ -51,7 +52,7 @@ def naive_means(object_prompts: str) -> dict[str, torch.Tensor]:
     average over tokens, then over the concept's images."""
     items = PromptDataModule(VOCABULARY, objects=["Circle", "Square"], styles=["Pop_Art"], seeds=(0, 1)).items
     module = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
-                             capture=CaptureConfig(halves="cond"))
+                             guidance_scale=7.5, capture=CaptureConfig(halves="cond"))
     module.setup("predict")
     activations = module.generate(items).activations.double()  # [8, 3, 16, 64], one batch as in the run
     sae = SparseAutoencoder.load("runs/toy/sae_supervised", HOOKPOINT, dtype=torch.float64)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from helpers import QUIET
 
 from cli import main
 from saemnesia.classifiers import ClassifierConfig, load_classifier
@@ -27,7 +28,6 @@ from saemnesia.toy.renderer import PLAIN, SHAPES, STYLES, Geometry, render, rend
 from saemnesia.toy.text_to_image import ToyDiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SHIPPED = (TOY_PIPELINE_DIR / "model_index.json").is_file() and (TOY_CLASSIFIERS_DIR / "style").is_dir()
 
 

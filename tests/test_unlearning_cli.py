@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import QUIET, TINY_PIPELINE
 from PIL import Image
 
 from callbacks.image_writer import image_file, jpeg_bytes
@@ -27,10 +28,10 @@ from saemnesia.sae import SaeConfig, SparseAutoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKPOINT = "unet.up_blocks.1.attentions.1"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # 2 objects × (Pop_Art + plain) × 1 seed = 4 prompts per target, 3 steps, 64 px.
 SMALL_DATA = ["--data.init_args.objects=[Circle, Square]", "--data.init_args.styles=[Pop_Art]",
-              "--data.init_args.seeds=[0]", "--model.init_args.num_steps=3"]
+              "--data.init_args.seeds=[0]", "--model.init_args.num_steps=3", "--data.init_args.batch_size=8",
+              *TINY_PIPELINE]
 UNLEARN = ["predict", "-c", str(REPO / "configs/toy/unlearn.yaml"), *SMALL_DATA, *QUIET,
            "--data.init_args.targets=[Circle, Square, none]"]
 IMAGES = Path("runs/toy/unlearn/images")
@@ -100,7 +101,7 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
     items = PromptDataModule(TOY_VOCABULARY, objects=["Circle", "Square"], styles=["Pop_Art"], seeds=(0,),
                              targets=["Circle", "Square", "none"], template="An image of {object}").items
     unhooked = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
-                               output_type="image")
+                               guidance_scale=7.5, output_type="image")
     unhooked.setup("predict")
     for start in range(0, len(items), 3):
         baseline = [item for item in items[start:start + 3] if item.target == "none"]
@@ -119,7 +120,7 @@ def test_erasure_rewrites_both_halves_at_every_step_and_capture_sees_its_output(
     erasure = ErasureConfig(sae="runs/toy/sae_supervised", stats="runs/toy/stats/concept_stats.safetensors",
                             class_params="runs/toy/class_params.json")
     module = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
-                             capture=CaptureConfig(halves="cond"), erasure=erasure)
+                             guidance_scale=7.5, capture=CaptureConfig(halves="cond"), erasure=erasure)
     module.setup("predict")
     items = PromptDataModule(TOY_VOCABULARY, objects=["Circle", "Square"], styles=[], seeds=(0,),
                              targets=["Circle"]).items

@@ -1,0 +1,64 @@
+"""What `make demo` shows at the end: the comparison table and a grid of original and erased samples.
+
+Both read only the evaluation's `results.json` and the unlearning runs' `manifest.jsonl`, so they can be rebuilt
+from the run folders at any time.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+from PIL import Image
+
+from datamodules.images import load_image, read_manifest
+from saemnesia.concepts import NO_ERASURE
+from saemnesia.io import atomic_write_bytes
+
+
+def no_erasure_scores(reference: Mapping[str, Any]) -> dict[str, float]:
+    """UA / IRA / CRA of generating without erasure (SPEC §6 applied to the reference images): UA_c = 1 − acc(c),
+    IRA_c = the mean accuracy of the other objects, so their means over c are 1 − and + the mean object accuracy."""
+    object_accuracy = mean(reference["per_object"].values())
+    return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values())}
+
+
+def report_table(results: Mapping[str, Mapping[str, Any]], search_runs: Mapping[str, int]) -> str:
+    """Markdown table, in %: the unerased model (from the first results holding the `none` reference), then each
+    eraser's mean object-unlearning scores and the number of generation runs its parameter search needed."""
+    reference = next(result["reference"] for result in results.values() if result.get("reference"))
+    rows = [("no erasure", no_erasure_scores(reference), "–")]
+    rows += [(label, result["objects"], str(search_runs[label])) for label, result in results.items()]
+    lines = ["| eraser | UA | IRA | CRA | generation runs of the search |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {100 * scores['UA']:.1f} | {100 * scores['IRA']:.1f} | {100 * scores['CRA']:.1f} | {runs} |"
+              for label, scores, runs in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sample_images(images: Path, target_of: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """For each object, the image of its first styled prompt generated under `target_of[object]`, `[3, H, W]` uint8."""
+    records = sorted(read_manifest(images), key=lambda record: (record.style is None, record.style or "", record.seed))
+    chosen = {}
+    for record in records:
+        if record.object in target_of and record.target == target_of[record.object] and record.object not in chosen:
+            chosen[record.object] = load_image(images / record.file)
+    return chosen
+
+
+def write_sample_grid(path: Path, reference_images: Path, erased_images: Mapping[str, Path], scale: int = 4) -> Path:
+    """PNG grid: one row per object; columns the unerased image, then the same prompt and seed with that object
+    erased by each eraser (`erased_images`: label → unlearning image folder), enlarged `scale` times."""
+    objects = sorted({record.object for record in read_manifest(reference_images) if record.target == NO_ERASURE})
+    columns = [sample_images(reference_images, {obj: NO_ERASURE for obj in objects})]
+    columns += [sample_images(folder, {obj: obj for obj in objects}) for folder in erased_images.values()]
+    rows = [torch.cat([column[obj] for column in columns], dim=2) for obj in objects]  # each [3, H, W·columns]
+    grid = torch.cat(rows, dim=1)  # [3, H·objects, W·columns]
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # nearest-neighbour enlargement
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")  # [H', W', 3]
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -1,0 +1,69 @@
+"""`make demo` on a reduced setting: the whole workflow on the shipped ToyCanvas model (4 objects, 2 styles, short
+SAE training, one search run per eraser) erases what it is asked to and little else.
+
+Margins, in accuracy points of the classifiers on the erased runs' images against the unerased images of the same
+prompts and seeds: the erased object's accuracy drops by at least `MIN_DROP`, and the other objects' accuracy stays
+within `MAX_COLLATERAL` of the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+from PIL import Image
+
+from saemnesia.demo import REPORT_DIR, TOP_LATENTS_PERCENTILES, DemoSetting, erasers, main
+from saemnesia.toy import ASSETS_DIR, TOY_PIPELINE_DIR
+
+MIN_DROP = 0.5
+MAX_COLLATERAL = 0.2
+OBJECTS = ("Circle", "Square", "Star", "Heart")
+SETTING = DemoSetting(objects=OBJECTS, styles=("Pop_Art", "Neon"), sae_steps=150, supervised_steps=100,
+                      saemnesia_multipliers=(-15.0,),
+                      baseline_grid=({"percentile": TOP_LATENTS_PERCENTILES[1], "multiplier": -15.0},))
+
+pytestmark = pytest.mark.skipif(not (TOY_PIPELINE_DIR / "model_index.json").is_file(),
+                                reason="the trained ToyCanvas pipeline is not in saemnesia/toy/assets")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """The reduced demo, run in a scratch folder that sees the shipped assets where the configs look for them."""
+    workdir = tmp_path_factory.mktemp("demo")
+    (workdir / "saemnesia/toy").mkdir(parents=True)
+    (workdir / "saemnesia/toy/assets").symlink_to(ASSETS_DIR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine's cores are shared; one thread per process is fastest here
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        table = main(SETTING)
+    torch.set_num_threads(threads)
+    return workdir, table
+
+
+def test_supervised_eraser_removes_the_target_and_spares_the_rest(demo_run):
+    workdir, _ = demo_run
+    _, supervised = erasers(SETTING)
+    results = json.loads((workdir / supervised.results).read_text())
+    reference = results["reference"]["per_object"]  # accuracy per object without erasure
+    assert set(results["objects"]["per_target"]) == set(OBJECTS)
+    for target, scores in results["objects"]["per_target"].items():
+        erased_accuracy = 1 - scores["UA"]
+        assert erased_accuracy <= reference[target] - MIN_DROP, (target, erased_accuracy, reference[target])
+        others = mean(reference[obj] for obj in OBJECTS if obj != target)
+        assert scores["IRA"] >= others - MAX_COLLATERAL, (target, scores["IRA"], others)
+
+
+def test_report_table_and_sample_grid(demo_run):
+    workdir, table = demo_run
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| eraser")]
+    assert [row.split(" | ")[0] for row in rows] == ["| no erasure", "| unsupervised SAE (SAeUron-style)",
+                                                     "| supervised SAE (SAEmnesia)"]
+    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |"]  # generation runs of each search
+    assert table in (workdir / REPORT_DIR / "report.md").read_text()
+    with Image.open(workdir / REPORT_DIR / "samples.png") as grid:
+        assert grid.size == (3 * 32 * 4, len(OBJECTS) * 32 * 4)  # 3 columns, one row per object, enlarged 4×
