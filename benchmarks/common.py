@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,29 @@ def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int,
         fn()
     synchronize()
     return Timing(time.perf_counter() - start, repeats)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
+                     synchronize: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn (`repeats` rounds after `warmup` untimed ones).
+
+    Alternating the candidates spreads a change of machine load over all of them, so their ratio stays fair on a
+    shared machine where consecutive blocks (`time_call` each) would not be; the median drops a disturbed round.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"time_interleaved needs warmup >= 0 and repeats >= 1; got {warmup=}, {repeats=}.")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,

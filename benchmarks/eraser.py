@@ -139,30 +139,39 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     }
 
 
-def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
-    """Seconds per generation on the tiny pipeline, erasing one concept at every UNet call versus unhooked."""
-    pipeline_config = TinyPipelineConfig()
-    d = pipeline_config.block_out_channels[-1]  # channels of up_blocks.1 in the SD1.5 layout
+def hooked_generation_cost(pipeline_config: TinyPipelineConfig, sae_config: SaeConfig, *, prompts: int, steps: int,
+                           resolution: int, multiplier: float, warmup: int, repeats: int, seed: int,
+                           device: str = "cpu", dtype: str = "float32") -> dict[str, float]:
+    """Seconds per generation of `prompts` prompts with a random-weight pipeline of `pipeline_config` (saved and
+    loaded as a folder, as real runs do), erasing one concept (its top latent) at every UNet call versus unhooked.
+
+    The erasure SAE (`sae_config`, float32 as `ErasureConfig` loads it) reads the `unet.up_blocks.1.attentions.1`
+    output, whose width is `block_out_channels[-1]` in the SD1.5 layouts of both the tiny and the SD1.5-sized config.
+    """
+    d = pipeline_config.block_out_channels[-1]
     concepts = [f"concept{index}" for index in range(4)]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         save_tiny_pipeline(root / "pipeline", pipeline_config)
-        torch.manual_seed(config.seed)
-        SparseAutoencoder(d, SaeConfig(expansion_factor=16, k=8)).save(root / "sae")
-        generator = torch.Generator().manual_seed(config.seed)
-        means = MEAN_CODE_SCALE * torch.rand(len(concepts), config.generation_steps, 16 * d, generator=generator)
+        torch.manual_seed(seed)
+        sae = SparseAutoencoder(d, sae_config)
+        sae.save(root / "sae")
+        generator = torch.Generator().manual_seed(seed)
+        means = MEAN_CODE_SCALE * torch.rand(len(concepts), steps, sae.num_latents, generator=generator)  # [C, T, L]
         ConceptStats(concepts, means, torch.full((len(concepts),), 8)).save(root / "stats.safetensors")
-        erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"), percentile=99.9,
-                                multiplier=config.multiplier)
-        module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=config.generation_steps,
-                                 height=64, width=64, output_type="latent")
+        erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"),
+                                percentile=100 * (1 - 1 / sae.num_latents), multiplier=multiplier)
+        module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=steps, height=resolution,
+                                 width=resolution, output_type="latent", dtype=dtype)
+        module.to(device)  # setup loads the pipeline onto the module's device
         module.setup("predict")
         items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
-                 for index in range(config.generation_prompts)]
+                 for index in range(prompts)]
         erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
+        sync = synchronizer(torch.device(device))
 
         def timed(batch: list[PromptItem]) -> float:
-            return time_call(lambda: module.generate(batch), warmup=config.warmup, repeats=config.repeats).per_call
+            return time_call(lambda: module.generate(batch), warmup=warmup, repeats=repeats, synchronize=sync).per_call
 
         unhooked_s, hooked_s = timed(items), timed(erasing)
     return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}
@@ -181,7 +190,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
           f"ratio {cost['eraser_over_dense']:.3f} (target <= 0.6); encoder alone {cost['encoder_s'] * 1e3:.1f} ms; "
           f"max |eraser - dense| {cost['max_abs_difference']:.2e}, {cost['tokens_changed']} tokens changed")
     if config.generation_prompts > 0:
-        report["generation"] = generation = hooked_generation_cost(config)
+        report["generation"] = generation = hooked_generation_cost(
+            TinyPipelineConfig(), SaeConfig(expansion_factor=16, k=8), prompts=config.generation_prompts,
+            steps=config.generation_steps, resolution=64, multiplier=config.multiplier, warmup=config.warmup,
+            repeats=config.repeats, seed=config.seed)
         print(f"tiny pipeline, {config.generation_prompts} prompts × {config.generation_steps} steps: unhooked "
               f"{generation['unhooked_s']:.2f} s, erasing {generation['hooked_s']:.2f} s, "
               f"ratio {generation['hooked_over_unhooked']:.3f}")

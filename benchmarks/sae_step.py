@@ -1,11 +1,14 @@
 """Training throughput of `SAEModule` under a Lightning `Trainer` against a plain PyTorch loop doing the same math.
 
 For each objective it prints tokens/s of both paths in the same process, their ratio (target ≥ 0.9: Lightning
-should cost under 10 %), and the fraction of this machine's measured dense matmul FLOP/s each path reaches. The
-last line is one JSON object with every figure.
+should cost under 10 %), and the fraction of this machine's measured dense matmul FLOP/s each path reaches. Then it
+times the two kernel choices of the unsupervised step in the same process: the encoder backward, sparse (through the
+selected latents only) against dense, without and with AuxK at its widest, and the embedding-bag decoder against a
+dense `[N, L] @ [L, d]` decode. The last line is one JSON object with every figure.
 
     python -m benchmarks.sae_step                                   # CPU, published size, both objectives
     python -m benchmarks.sae_step --device cuda --precision bf16-mixed --steps 50 --warmup 5
+    python -m benchmarks.sae_step --objective unsupervised --encoder_backward dense --kernel_repeats 0
 
 Defaults are the published size (d 1280, 20480 latents, k 32, batches of 4096 tokens) with few steps, because
 one step takes several seconds on a small CPU; on a GPU raise `--steps`.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -26,10 +29,17 @@ from jsonargparse import ArgumentParser
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import machine_description, matmul_flops_per_second, print_json_line, synchronizer, time_call
+from benchmarks.common import (
+    machine_description,
+    matmul_flops_per_second,
+    print_json_line,
+    synchronizer,
+    time_call,
+    time_interleaved,
+)
 from saemnesia.concepts import NO_STYLE, UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
 from saemnesia.objectives import SupervisedLoss, UnsupervisedLoss
-from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.sae import EncoderBackward, SaeConfig, SparseAutoencoder
 from saemnesia.training import DeadLatentTracker, SAEModule
 
 Objective = Literal["unsupervised", "supervised"]
@@ -71,12 +81,19 @@ class BenchmarkConfig:
     """Gradient-norm clipping in both paths; 0 disables it."""
     dead_feature_threshold: int = 10_000_000
     """Tokens without firing before a latent is dead (AuxK runs only once some are). Published: 10M."""
+    encoder_backward: EncoderBackward = "sparse"
+    """Encoder gradient of the unsupervised objective in both paths (`UnsupervisedLoss.encoder_backward`)."""
+    kernel_repeats: int = 3
+    """Timed rounds of the kernel comparisons, each calling every candidate once (after one untimed round); the
+    median is reported; 0 skips them."""
     seed: int = 0
     """Seed of the data and of both SAEs' initialisation (the two paths start from identical weights)."""
 
     def __post_init__(self) -> None:
         if min(self.d, self.latents, self.k, self.tokens, self.tokens_per_sample, self.steps) < 1:
             raise ValueError("--d, --latents, --k, --tokens, --tokens_per_sample and --steps must all be positive.")
+        if self.kernel_repeats < 0:
+            raise ValueError(f"--kernel_repeats must be 0 (skip) or a number of calls; got {self.kernel_repeats}.")
         if self.warmup < 1:
             raise ValueError(f"--warmup must be at least 1 (the first step initialises b_dec); got {self.warmup}.")
         if self.k > self.latents:
@@ -98,6 +115,12 @@ class BenchmarkConfig:
 
     def sae_config(self, objective: Objective) -> SaeConfig:
         return SaeConfig(num_latents=self.latents, k=self.k, batch_topk=self.batch_topk and objective == "unsupervised")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """What Lightning wraps the forward in at this precision: bf16 autocast on the device, or nothing."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 class RunResult(NamedTuple):
@@ -170,6 +193,7 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
         sae=config.sae_config(objective), concept_latents=CONCEPT_LATENTS if objective == "supervised" else None,
         lr=LEARNING_RATES[objective], lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
         dead_feature_threshold=config.dead_feature_threshold,
+        unsupervised=UnsupervisedLoss(encoder_backward=config.encoder_backward),
     )
     timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(torch.device(config.device)))
     with tempfile.TemporaryDirectory() as root:
@@ -197,11 +221,9 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
     # The module's linear decay to 0 over max_steps is torch's LinearLR; the supervised schedule is constant.
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, config.total_steps) if unsupervised else None
     renormalise = unsupervised and sae.cfg.normalize_decoder
-    unsupervised_loss, supervised_loss = UnsupervisedLoss(), SupervisedLoss()
+    unsupervised_loss, supervised_loss = UnsupervisedLoss(encoder_backward=config.encoder_backward), SupervisedLoss()
     object_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.objects], device=device)
     style_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.styles], device=device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16-mixed"
-                else contextlib.nullcontext())
     if unsupervised:
         sae.init_b_dec_to_geometric_median(batches[0]["act"])  # as SAEModule does on its first batch
     batch_stream: Iterator[dict[str, Tensor]] = iter(CycledBatches(batches, config.total_steps))
@@ -209,7 +231,7 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
     def step() -> None:
         batch = next(batch_stream)
         optimizer.zero_grad()
-        with autocast:
+        with config.autocast():
             if unsupervised:
                 terms = unsupervised_loss(sae, batch["act"], tracker.dead_mask)
             else:
@@ -231,10 +253,62 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
     return RunResult(timing.seconds, sae)
 
 
-def step_flops(config: BenchmarkConfig) -> int:
-    """Dense FLOPs of one step: the encoder matmul `2·N·d·L` forward and twice that backward (gradients of the
-    weight and of the input, which b_dec needs); the sparse decode and the elementwise work are left out."""
-    return 3 * 2 * config.tokens * config.d * config.latents
+def step_flops(config: BenchmarkConfig, objective: Objective) -> int:
+    """Dense matmul FLOPs of one step: the encoder matmul `2·N·d·L` forward and, unless the sparse encoder backward
+    skips them (unsupervised objective), twice that backward (gradients of the weight and of the input, which b_dec
+    needs); the sparse decode, the sparse backward and the elementwise work are left out."""
+    dense_backward = objective == "supervised" or config.encoder_backward == "dense"
+    return (3 if dense_backward else 1) * 2 * config.tokens * config.d * config.latents
+
+
+def dense_decode(sae: SparseAutoencoder, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+    """The decode without the embedding bag: scatter the code into a dense `[N, L]` tensor and multiply."""
+    code = top_acts.new_zeros(*top_acts.shape[:-1], sae.num_latents).scatter(-1, top_indices, top_acts)  # [N, L]
+    return code @ sae.W_dec + sae.b_dec  # [N, d]
+
+
+def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
+    """Median seconds per forward + backward of the unsupervised loss with each encoder backward, without AuxK and
+    with every latent dead (AuxK at its widest, k_aux = d/2), and of the decode alone as an embedding bag versus
+    `dense_decode`, timed in interleaved rounds; plus the largest relative difference between the two encoders'
+    gradients."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    sae = SparseAutoencoder(config.d, config.sae_config("unsupervised")).to(device)
+    x = random_batches(config, "unsupervised")[0]["act"]  # [N, d]
+    all_dead = torch.ones(sae.num_latents, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        top_acts, top_indices = sae.encode(x)  # [N, K]
+    top_acts.requires_grad_()
+    grad_out = torch.randn_like(x)  # [N, d]
+
+    def loss_gradients(encoder_backward: EncoderBackward, dead_mask: Tensor | None) -> Callable[[], Sequence[Tensor]]:
+        loss = UnsupervisedLoss(encoder_backward=encoder_backward)
+
+        def run() -> Sequence[Tensor]:
+            with config.autocast():
+                terms = loss(sae, x, dead_mask)
+            return torch.autograd.grad(terms.loss, list(sae.parameters()))
+        return run
+
+    def decoder_gradients(decode: Callable[..., Tensor]) -> Callable[[], Sequence[Tensor]]:
+        def run() -> Sequence[Tensor]:
+            with config.autocast():
+                out = decode(sae, top_acts, top_indices)  # [N, d]
+            return torch.autograd.grad(out, [top_acts, sae.W_dec], grad_out)
+        return run
+
+    cases = {
+        "encoder_sparse": loss_gradients("sparse", None), "encoder_dense": loss_gradients("dense", None),
+        "auxk_sparse": loss_gradients("sparse", all_dead), "auxk_dense": loss_gradients("dense", all_dead),
+        "decoder_sparse": decoder_gradients(SparseAutoencoder.decode), "decoder_dense": decoder_gradients(dense_decode),
+    }
+    medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, synchronize=synchronizer(device))
+    seconds = {f"{name}_s": value for name, value in medians.items()}
+    difference = max(float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
+                     for sparse, dense in zip(cases["auxk_sparse"](), cases["auxk_dense"]()))
+    return {**seconds, **{f"{name}_dense_over_sparse": seconds[f"{name}_dense_s"] / seconds[f"{name}_sparse_s"]
+                          for name in ("encoder", "auxk", "decoder")}, "max_relative_gradient_difference": difference}
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
@@ -242,15 +316,16 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     device = torch.device(config.device)
     dtype = torch.bfloat16 if config.precision == "bf16-mixed" else torch.float32
     peak = matmul_flops_per_second(config.tokens, config.d, config.latents, device, dtype)
-    flops = step_flops(config)
     report: dict[str, Any] = {"benchmark": "sae_step", "config": asdict(config), "machine": machine_description(device),
-                              "matmul_flops_per_s": peak, "step_flops": flops, "objectives": {}}
+                              "matmul_flops_per_s": peak, "objectives": {}}
     print(f"dense matmul [{config.tokens}, {config.d}] x [{config.d}, {config.latents}] {dtype}: "
-          f"{peak / 1e9:.1f} GFLOP/s; one step = {flops / 1e9:.1f} GFLOP")
+          f"{peak / 1e9:.1f} GFLOP/s")
     for objective in config.objectives:
+        flops = step_flops(config, objective)
         batches = random_batches(config, objective)
         module, plain = run_lightning(config, objective, batches), run_plain(config, objective, batches)
         figures = {
+            "step_flops": flops,
             "module_tokens_per_s": config.steps * config.tokens / module.seconds,
             "plain_tokens_per_s": config.steps * config.tokens / plain.seconds,
             "module_vs_plain": plain.seconds / module.seconds,
@@ -261,6 +336,14 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         print(f"{objective}: SAEModule {figures['module_tokens_per_s']:.0f} tokens/s, plain loop "
               f"{figures['plain_tokens_per_s']:.0f} tokens/s, ratio {figures['module_vs_plain']:.3f} (target >= 0.9); "
               f"matmul fraction {figures['module_matmul_fraction']:.3f} (plain {figures['plain_matmul_fraction']:.3f})")
+    if config.kernel_repeats:
+        report["kernels"] = kernels = kernel_comparison(config)
+        for name, what in (("encoder", "encoder backward"), ("auxk", "encoder backward, AuxK over d/2 latents"),
+                           ("decoder", "decoder (embedding bag vs dense)")):
+            print(f"{what}: sparse {kernels[f'{name}_sparse_s']:.3f} s, dense {kernels[f'{name}_dense_s']:.3f} s "
+                  f"per forward + backward, dense / sparse {kernels[f'{name}_dense_over_sparse']:.2f}")
+        print(f"largest relative gradient difference, sparse vs dense encoder: "
+              f"{kernels['max_relative_gradient_difference']:.1e}")
     return report
 
 

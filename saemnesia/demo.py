@@ -99,14 +99,16 @@ class Eraser:
     sae: Path
     """The SAE folder (`SaeExport`'s output)."""
     name: str
-    """Suffix of this eraser's run folders under `runs/toy/`."""
+    """Short name, printed with each step."""
+    suffix: str
+    """Suffix of this eraser's run folders under `runs/toy/`; empty for the toy configs' own folders."""
     grid: tuple[ConceptParams, ...]
     """Candidate `{percentile, multiplier}` of the search, one generation run each."""
     reference: bool
     """Also generate the unerased images (target `none`); once is enough, with one eraser."""
 
     def folder(self, kind: str) -> Path:
-        return RUNS / f"{kind}_{self.name}"
+        return RUNS / f"{kind}{self.suffix}"
 
     @property
     def stats(self) -> Path:
@@ -114,7 +116,7 @@ class Eraser:
 
     @property
     def class_params(self) -> Path:
-        return RUNS / f"class_params_{self.name}.json"
+        return RUNS / f"class_params{self.suffix}.json"
 
     @property
     def images(self) -> Path:
@@ -128,8 +130,9 @@ class Eraser:
 def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
     """The unsupervised baseline and the supervised SAE, in table order."""
     saemnesia_grid = tuple({"percentile": SAEMNESIA_PERCENTILE, "multiplier": m} for m in setting.saemnesia_multipliers)
-    return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", setting.baseline_grid, False),
-            Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", saemnesia_grid, True))
+    return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", "_unsupervised",
+                   setting.baseline_grid, False),
+            Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True))
 
 
 def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
@@ -169,7 +172,7 @@ def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
                        f"--trainer.callbacks.output_dir={eraser.images}",
                        f"--trainer.default_root_dir={eraser.images.parent}")
     evaluate = evaluation(f"{eraser.name}: evaluation", eraser.images, eraser.results.parent,
-                          f"--trainer.logger.init_args.name=evaluate_{eraser.name}")
+                          f"--trainer.logger.init_args.name=evaluate{eraser.suffix}")
     return [stats, *search, unlearn, evaluate]
 
 

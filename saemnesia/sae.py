@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from saemnesia.checkpoints import read_checkpoint, write_checkpoint
+
+EncoderBackward = Literal["sparse", "dense"]
+"""How `SparseAutoencoder.forward` backpropagates into the encoder (see there)."""
+ENCODER_BACKWARDS: tuple[str, ...] = get_args(EncoderBackward)
 
 
 @dataclass
@@ -113,9 +118,24 @@ class SparseAutoencoder(nn.Module):
         return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
 
     # -- training forward -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
-        pre_acts = self.pre_acts(x)
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None,
+                encoder_backward: EncoderBackward = "sparse") -> ForwardOutput:
+        """Reconstruction, FVU, AuxK (with `dead_mask`) and Multi-TopK FVU of `x [..., d]`.
+
+        Every output reads the encoder only through selected latents (the TopK code, the AuxK dead latents, the
+        Multi-TopK code), so its encoder gradient is sparse. `encoder_backward="sparse"` exploits that: the dense
+        `[N, L]` pre-activations are computed without autograd and `SparseEncoderGrad` backpropagates through the
+        selected latents alone, O(N·k·d) instead of O(N·L·d) work and no `[N, L]` tensor kept for the backward.
+        `"dense"` backpropagates through the dense pre-activations. Both give the same gradients.
+        """
+        if encoder_backward not in ENCODER_BACKWARDS:
+            raise ValueError(f"encoder_backward must be one of {list(ENCODER_BACKWARDS)}, got {encoder_backward!r}.")
+        sparse = encoder_backward == "sparse"
+        centered = x - self.b_dec  # [..., d]: the encoder's input, differentiable in both modes
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
+            pre_acts = F.relu(self.encoder(centered))  # [..., L]
         top_acts, top_indices = self.select_topk(pre_acts)
+        top_acts = self._with_encoder_grad(top_acts, top_indices, centered, sparse)
         sae_out = self.decode(top_acts, top_indices)
 
         flat_x = x.reshape(-1, self.d_in)  # [N, d]
@@ -125,23 +145,33 @@ class SparseAutoencoder(nn.Module):
         zero = fvu.new_zeros(())
         auxk_loss = zero
         if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
-            auxk_loss = self._auxk_loss(pre_acts.reshape(-1, self.num_latents), flat_x,
-                                        sae_out.reshape(-1, self.d_in), dead_mask, num_dead, total_variance)
+            auxk_loss = self._auxk_loss(pre_acts.reshape(-1, self.num_latents), centered.reshape(-1, self.d_in),
+                                        flat_x, sae_out.reshape(-1, self.d_in), dead_mask, num_dead, total_variance,
+                                        sparse)
         multi_topk_fvu = zero
         if self.cfg.multi_topk:
             multi_acts, multi_indices = pre_acts.topk(4 * self.cfg.k, dim=-1, sorted=False)
+            multi_acts = self._with_encoder_grad(multi_acts, multi_indices, centered, sparse)
             multi_out = self.decode(multi_acts, multi_indices).reshape(-1, self.d_in)
             multi_topk_fvu = (multi_out - flat_x).pow(2).sum() / total_variance
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def _auxk_loss(self, pre_acts: Tensor, x: Tensor, sae_out: Tensor, dead_mask: Tensor, num_dead: int,
-                   total_variance: Tensor) -> Tensor:
+    def _with_encoder_grad(self, acts: Tensor, indices: Tensor, centered: Tensor, sparse: bool) -> Tensor:
+        """Selected activations `[..., K]`; in sparse mode they were selected without autograd and get their encoder
+        gradient from `SparseEncoderGrad` (`centered [..., d]` has the same leading dimensions)."""
+        if not sparse:
+            return acts
+        return SparseEncoderGrad.apply(acts, indices, centered, self.encoder.weight, self.encoder.bias)
+
+    def _auxk_loss(self, pre_acts: Tensor, centered: Tensor, x: Tensor, sae_out: Tensor, dead_mask: Tensor,
+                   num_dead: int, total_variance: Tensor, sparse: bool) -> Tensor:
         """AuxK of Gao et al. (2024) as SPEC §2.1 fixes it: dead latents predict the detached residual."""
         half_d = self.d_in // 2
         k_aux = min(half_d, num_dead)
         scale = min(num_dead / half_d, 1.0)
         dead_pre_acts = pre_acts.masked_fill(~dead_mask, float("-inf"))  # [N, L], live latents excluded
         aux_acts, aux_indices = dead_pre_acts.topk(k_aux, dim=-1, sorted=False)
+        aux_acts = self._with_encoder_grad(aux_acts, aux_indices, centered, sparse)
         residual = (x - sae_out).detach()  # e = x − x̂, a constant target
         residual_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)  # no b_dec: it predicts a residual
         return scale * (residual_hat - residual).pow(2).sum() / total_variance
@@ -189,6 +219,37 @@ def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tenso
     flat_indices = top_indices.reshape(-1, top_indices.shape[-1])  # [N, K]
     out = F.embedding_bag(flat_indices, W_dec, per_sample_weights=flat_acts.to(W_dec.dtype), mode="sum")
     return out.reshape(*top_acts.shape[:-1], W_dec.shape[-1])  # [..., d]
+
+
+class SparseEncoderGrad(torch.autograd.Function):
+    """The encoder gradient of selected activations, without the dense pre-activations.
+
+    Forward returns `acts [..., K]` (post-ReLU activations of latents `indices [..., K]`, selected from
+    pre-activations computed without autograd) unchanged. Backward, with `g` their gradient where they are positive
+    (ReLU's derivative; the zero padding of batch and sample TopK codes gets none) and `c = x − b_dec`:
+    `∂/∂c = Σ_j g_j W_enc[idx_j]` is an embedding bag of encoder rows, `∂/∂W_enc[i] = Σ_{(n, j): idx_nj = i} g_nj c_n`
+    is that bag's own weight gradient for the output gradient `c`, and `∂/∂b_enc[i] = Σ_{(n, j): idx_nj = i} g_nj`.
+    One embedding-bag forward and backward replace the two dense `[N, L]`-sized matmuls of the dense backward.
+    Gradients are computed in the encoder's dtype (float32 under autocast), whatever the dtype of `acts`.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, acts: Tensor, indices: Tensor, centered: Tensor, weight: Tensor,
+                bias: Tensor) -> Tensor:
+        ctx.save_for_backward(acts, indices, centered, weight)
+        return acts.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_acts: Tensor) -> tuple[None, None, Tensor, Tensor, Tensor]:
+        acts, indices, centered, weight = ctx.saved_tensors
+        active_grad = torch.where(acts > 0, grad_acts, 0.0).to(weight.dtype)  # [..., K]
+        weight_leaf = weight.detach().requires_grad_()
+        with torch.enable_grad():
+            grad_centered = sparse_decode(active_grad, indices, weight_leaf)  # [..., d]
+        (grad_weight,) = torch.autograd.grad(grad_centered, weight_leaf, centered.to(weight.dtype))  # [L, d]
+        grad_bias = weight.new_zeros(weight.shape[0]).index_add_(0, indices.flatten(), active_grad.flatten())  # [L]
+        return None, None, grad_centered.detach().to(centered.dtype), grad_weight, grad_bias
 
 
 def _pooled_topk(pre_acts: Tensor, keep: int) -> tuple[Tensor, Tensor]:

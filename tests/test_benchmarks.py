@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.common import time_call
+from benchmarks import common
+from benchmarks.common import time_call, time_interleaved
 from benchmarks.sae_step import BenchmarkConfig, main, random_batches, run_lightning, run_plain
 from saemnesia.sae import SparseAutoencoder
 
@@ -25,28 +26,56 @@ def test_time_call_times_only_the_repeats_after_warmup():
         time_call(lambda: None, warmup=0, repeats=0)
 
 
+def test_time_interleaved_alternates_the_candidates_and_reports_medians(monkeypatch):
+    """A fake clock that each call advances by a scripted duration: medians must ignore each candidate's outlier."""
+    clock, calls = [0.0], []
+    durations = iter([0.0, 0.0, 3.0, 1.0, 1.0, 2.0, 2.0, 9.0])  # the warm-up round, then a and b in each round
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def candidate(name: str):
+        def call() -> None:
+            calls.append(name)
+            clock[0] += next(durations)
+        return call
+
+    medians = time_interleaved({"a": candidate("a"), "b": candidate("b")}, warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert medians == {"a": 2.0, "b": 2.0}  # a: 3, 1, 2; b: 1, 2, 9
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_interleaved({"a": lambda: None}, warmup=0, repeats=0)
+
+
 def test_sae_step_prints_one_json_report_with_positive_finite_ratios(capsys):
     report = main([f"--{name}={value}" for name, value in TINY.items()])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == report
     assert report["config"]["d"] == TINY["d"] and report["config"]["objective"] == "both"
-    assert report["step_flops"] == 6 * TINY["tokens"] * TINY["d"] * TINY["latents"]
     assert set(report["objectives"]) == {"unsupervised", "supervised"}
+    encoder_matmul = 2 * TINY["tokens"] * TINY["d"] * TINY["latents"]
+    # The sparse encoder backward (default) leaves the unsupervised step one dense matmul; supervised keeps three.
+    assert report["objectives"]["unsupervised"]["step_flops"] == encoder_matmul
+    assert report["objectives"]["supervised"]["step_flops"] == 3 * encoder_matmul
     for figures in report["objectives"].values():
-        assert set(figures) == {"module_tokens_per_s", "plain_tokens_per_s", "module_vs_plain",
+        assert set(figures) == {"step_flops", "module_tokens_per_s", "plain_tokens_per_s", "module_vs_plain",
                                 "module_matmul_fraction", "plain_matmul_fraction"}
         assert all(math.isfinite(value) and value > 0 for value in figures.values())
         assert figures["module_vs_plain"] == pytest.approx(figures["module_tokens_per_s"]
                                                            / figures["plain_tokens_per_s"])
+    kernels = report["kernels"]
+    for name in ("encoder", "auxk", "decoder"):
+        assert kernels[f"{name}_dense_over_sparse"] == pytest.approx(kernels[f"{name}_dense_s"]
+                                                                     / kernels[f"{name}_sparse_s"])
+    assert kernels["max_relative_gradient_difference"] < 1e-5  # float32: both encoder backwards compute one gradient
 
 
-@pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
-def test_plain_loop_trains_the_same_sae_as_the_lightning_module(objective):
+@pytest.mark.parametrize(("objective", "encoder_backward"),
+                         [("unsupervised", "sparse"), ("unsupervised", "dense"), ("supervised", "sparse")])
+def test_plain_loop_trains_the_same_sae_as_the_lightning_module(objective, encoder_backward):
     """The baseline is only fair if it does the same math: from the same seed and batches, both paths must end
     with the same weights. A low dead threshold makes latents die after one step, so AuxK runs too, and a tiny clip
     norm makes clipping act."""
     config = BenchmarkConfig(**{**TINY, "steps": 3}, objective=objective, dead_feature_threshold=TINY["tokens"],
-                             grad_clip=1e-3)
+                             grad_clip=1e-3, encoder_backward=encoder_backward)
     batches = random_batches(config, objective)
     lightning_sae = run_lightning(config, objective, batches).sae
     plain_sae = run_plain(config, objective, batches).sae
@@ -61,6 +90,7 @@ def test_plain_loop_trains_the_same_sae_as_the_lightning_module(objective):
     (dict(tokens=100, tokens_per_sample=16), "multiple of --tokens_per_sample"),
     (dict(warmup=0), "--warmup must be at least 1"),
     (dict(latents=64, objective="supervised"), "--latents must be at least 70"),
+    (dict(kernel_repeats=-1), "--kernel_repeats must be 0"),
 ])
 def test_bad_benchmark_options_fail_with_one_clear_sentence(options, message):
     with pytest.raises(ValueError, match=message):
@@ -89,3 +119,62 @@ def test_cache_overhead_benchmark_reports_both_measurements(capsys, tiny_pipelin
     numbers = [value for value in json.loads(json.dumps(report)).values() if isinstance(value, dict)]
     figures = [v for section in numbers for v in section.values() if isinstance(v, (int, float))]
     assert figures and all(math.isfinite(v) for v in figures)
+
+
+def test_gpu_suite_runs_on_a_cpu_at_tiny_sizes_and_appends_its_markdown_section(capsys, tmp_path):
+    from benchmarks import gpu_suite
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nEarlier runs.\n")
+    report = gpu_suite.main(["--device=cpu", "--d=16", "--latents=128", "--k=4", "--tokens=64",
+                             "--tokens_per_sample=16", "--sae_steps=1", "--sae_warmup=1", "--kernel_repeats=1",
+                             "--dtype=float32", "--eraser_repeats=1", "--pipeline=tiny", "--resolution=32", "--steps=2",
+                             "--prompts=1", "--generation_repeats=1", "--warmup=0", f"--markdown={results}"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
+    assert set(report["sae"]) == {"32-true", "bf16-mixed"}
+    assert report["eraser"]["max_abs_difference"] < 1e-5  # the eraser agrees with the dense reference hook
+    assert report["generation"]["hooked_s"] > 0 and report["generation"]["unhooked_s"] > 0
+    assert report["matmul_settings"]["float32_matmul_precision"] == "highest"
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nEarlier runs.\n\n### ")  # appended after the old content
+    assert f"### {report['machine']['device']}, {report['date']}" in text
+    assert text.count("| 32-true | ") == text.count("| bf16-mixed | ") == 3  # two objectives + the kernel row
+
+
+def test_gpu_suite_refuses_cuda_without_a_gpu():
+    from benchmarks.gpu_suite import SuiteConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="--device cuda needs a visible CUDA GPU"):
+        SuiteConfig()
+
+
+STREAM_TINY = dict(d=8, side=2, samples=16, samples_per_shard=4, token_batch=8, map_batch=2, token_buffer=16,
+                   map_buffer=4)
+
+
+def test_stream_benchmark_counts_what_each_reader_reads(tmp_path):
+    from benchmarks.stream import StreamBenchmarkConfig, datamodule, raw_read, stream_read, tarfile_read, write_shards
+
+    config = StreamBenchmarkConfig(**STREAM_TINY)
+    paths = write_shards(config, tmp_path)
+    assert len(paths) == 4 and raw_read(paths) == sum(path.stat().st_size for path in paths)
+    payload = config.samples * config.side ** 2 * config.d * 2  # the float16 maps
+    assert payload < tarfile_read(paths) < raw_read(paths)  # members add npy headers and json; files add tar headers
+    for token_level in (True, False):  # an epoch delivers the folder's payload once
+        assert stream_read(datamodule(config, tmp_path, token_level=token_level, workers=0)) == payload
+    with pytest.raises(ValueError, match="--samples .* must fill at least two shards"):
+        StreamBenchmarkConfig(samples=4, samples_per_shard=4)
+
+
+def test_stream_benchmark_reports_every_stream_against_the_raw_read(capsys):
+    from benchmarks import stream
+
+    report = stream.main([f"--{name}={value}" for name, value in STREAM_TINY.items()]
+                         + ["--workers=[0, 1]", "--repeats=1", "--warmup=0"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
+    assert set(report["streams"]) == {"token_workers0", "token_workers1", "map_workers0", "map_workers1"}
+    for figures in report["streams"].values():
+        assert all(math.isfinite(value) and value > 0 for value in figures.values())
+        assert figures["vs_raw"] == pytest.approx(figures["MB_per_s"] / report["baselines"]["raw_read_MB_per_s"])

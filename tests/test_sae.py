@@ -140,3 +140,64 @@ def test_init_rejects_unsupported_options():
         SparseAutoencoder(4, SaeConfig(input_unit_norm=True))
     with pytest.raises(ValueError, match="exclusive"):
         SparseAutoencoder(4, SaeConfig(batch_topk=True, sample_topk=True))
+
+
+def loss_and_gradients(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None,
+                       encoder_backward: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The summed unsupervised terms and the gradient of every parameter and of the input."""
+    x = x.detach().requires_grad_()
+    out = sae(x, dead_mask=dead, encoder_backward=encoder_backward)
+    loss = out.fvu + out.auxk_loss + out.multi_topk_fvu
+    named = dict(sae.named_parameters(), x=x)
+    return loss.detach(), dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(batch_topk=True), dict(sample_topk=True), dict(multi_topk=True)])
+def test_sparse_encoder_backward_gives_the_dense_gradients(cfg):
+    """The sparse backward reaches the encoder only through the selected latents (TopK, AuxK, Multi-TopK): in float64
+    every gradient must equal plain autograd through the dense pre-activations. Half the latents are dead, so AuxK's
+    latents (which may overlap the TopK code) contribute too; batch TopK pads codes with zeros that get none."""
+    sae = make_sae(d=8, latents=32, k=3, **cfg)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    dead = torch.arange(32) % 2 == 0  # 16 dead latents ≥ d/2: k_aux = 4
+    dense_loss, dense = loss_and_gradients(sae, x, dead, "dense")
+    sparse_loss, sparse = loss_and_gradients(sae, x, dead, "sparse")
+    assert sparse_loss.item() == dense_loss.item()
+    for name, gradient in dense.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(sparse[name], gradient, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_sparse_encoder_backward_trains_exactly_the_selected_latents():
+    sae = make_sae(d=8, latents=32, k=3)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    _, gradients = loss_and_gradients(sae, x, None, "sparse")
+    acts, indices = sae.encode(x)
+    touched = (gradients["encoder.weight"].abs().sum(1) > 0).nonzero().flatten()
+    assert touched.tolist() == indices[acts > 0].unique().tolist()
+    with pytest.raises(ValueError, match="encoder_backward must be one of"):
+        sae(x, encoder_backward="fast")
+
+
+@pytest.mark.parametrize("encoder_backward", ["sparse", "dense"])
+def test_bfloat16_autocast_and_bfloat16_weights_train_close_to_float64(encoder_backward):
+    """Under CPU bf16 autocast (what Lightning's bf16-mixed uses) the encoder matmul, TopK and AuxK run in bf16 while
+    the embedding-bag decode and every gradient stay in the parameters' float32; a bf16 SAE on bf16 inputs works too.
+    Both must agree with the float64 computation to bf16 accuracy."""
+    reference = make_sae(d=16, latents=64, k=4)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    dead = torch.arange(64) % 2 == 0
+    expected_loss, expected = loss_and_gradients(reference, x, dead, "dense")
+
+    float32_sae = make_sae(d=16, latents=64, k=4).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss, autocast_grads = loss_and_gradients(float32_sae, x.bfloat16(), dead, encoder_backward)
+    bfloat16_loss, bfloat16_grads = loss_and_gradients(make_sae(d=16, latents=64, k=4).bfloat16(), x.bfloat16(),
+                                                       dead, encoder_backward)
+    for loss, gradients, dtype in ((autocast_loss, autocast_grads, torch.float32),
+                                   (bfloat16_loss, bfloat16_grads, torch.bfloat16)):
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=5e-2)
+        for name in ("encoder.weight", "W_dec"):
+            assert gradients[name].dtype == dtype
+            error = (gradients[name].double() - expected[name]).norm() / expected[name].norm()
+            assert error < 0.1, (name, error)

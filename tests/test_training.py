@@ -1,11 +1,15 @@
-"""SAEModule pieces: dead-latent counters (also across 2 gloo processes), LR schedules, concept assignment."""
+"""SAEModule pieces: dead-latent counters (also across 2 gloo processes), concept assignment, bf16-mixed training."""
 
+import math
 import os
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 from saemnesia.concepts import NO_STYLE, ConceptVocabulary
 from saemnesia.sae import SaeConfig, SparseAutoencoder
@@ -94,3 +98,47 @@ def test_init_from_an_sae_of_another_width_fails_naming_both(tmp_path):
         SAEModule(d_in=8, activations_hookpoint="unet.mid_block", init_from=str(tmp_path))
     with pytest.raises(ValueError, match="needs the concept vocabulary"):
         SAEModule(d_in=16, activations_hookpoint="unet.mid_block", init_from=str(tmp_path), objective="supervised")
+
+
+class FirstLoss(pl.Callback):
+    """Keeps the loss of the first training step (before any update, so runs from the same seed compare)."""
+
+    def __init__(self) -> None:
+        self.loss: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, torch.Tensor],
+                           batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.loss is None:
+            self.loss = float(outputs["loss"])
+
+
+def first_step_loss(objective: str, precision: str, root: Path) -> tuple[float, SparseAutoencoder]:
+    from saemnesia.training import SAEModule
+
+    vocabulary = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism",))
+    generator = torch.Generator().manual_seed(0)
+    batch = {"act": torch.randn(4, 6, 16, generator=generator), "object": torch.tensor([0, 1, 0, 1]),
+             "style": torch.tensor([0, NO_STYLE, NO_STYLE, 0]), "step": torch.zeros(4, dtype=torch.long)}
+    if objective == "unsupervised":
+        batch = {"act": batch["act"].reshape(24, 16)}  # token-level batch: [N, d]
+    torch.manual_seed(0)
+    module = SAEModule(d_in=16, activations_hookpoint="unet.mid_block", vocabulary=vocabulary, objective=objective,
+                       sae=SaeConfig(num_latents=64, k=4), concept_latents={"Bears": 0, "Cats": 1, "Cubism": 2},
+                       lr_schedule="constant", dead_feature_threshold=0)  # every latent dead: AuxK runs
+    recorder = FirstLoss()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=2, callbacks=[recorder],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root)
+    trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+    return recorder.loss, module.sae
+
+
+@pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
+def test_bf16_mixed_precision_trains_with_a_loss_close_to_float32(objective, tmp_path):
+    """Lightning's bf16-mixed on the CPU runs the step under bf16 autocast: the loss must stay finite and within bf16
+    accuracy of the float32 run from the same weights and batch, and the weights must stay float32 and finite."""
+    full_loss, _ = first_step_loss(objective, "32-true", tmp_path)
+    mixed_loss, sae = first_step_loss(objective, "bf16-mixed", tmp_path)
+    assert math.isfinite(mixed_loss) and mixed_loss == pytest.approx(full_loss, rel=3e-2)
+    for name, parameter in sae.named_parameters():
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all(), name
