@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from datamodules.images import load_image, read_manifest
+from datamodules.images import ImageRecord, load_image, read_manifest
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.io import atomic_write_bytes
 
@@ -39,23 +39,34 @@ def report_table(results: Mapping[str, Mapping[str, Any]], search_runs: Mapping[
     return "\n".join(lines) + "\n"
 
 
-def sample_images(images: Path, target_of: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """For each object, the image of its first styled prompt generated under `target_of[object]`, `[3, H, W]` uint8."""
-    records = sorted(read_manifest(images), key=lambda record: (record.style is None, record.style or "", record.seed))
+def sample_prompts(records: list[ImageRecord]) -> dict[str, tuple[str | None, int]]:
+    """For each object of the unerased images, one (style, seed) to show: the objects take the styles in turn, so
+    the grid shows every palette it can."""
+    reference = [record for record in records if record.target == NO_ERASURE]
+    objects = sorted({record.object for record in reference})
     chosen = {}
-    for record in records:
-        if record.object in target_of and record.target == target_of[record.object] and record.object not in chosen:
-            chosen[record.object] = load_image(images / record.file)
+    for row, obj in enumerate(objects):
+        options = sorted({(record.style, record.seed) for record in reference if record.object == obj},
+                         key=lambda option: (option[0] is None, option[0] or "", option[1]))
+        chosen[obj] = options[row % len(options)]
     return chosen
+
+
+def load_samples(images: Path, prompts: Mapping[str, tuple[str | None, int]],
+                 target_of: Mapping[str, str]) -> list[torch.Tensor]:
+    """The image of each object's chosen (style, seed) generated under `target_of[object]`, `[3, H, W]` uint8."""
+    files = {(record.target, record.object, (record.style, record.seed)): record.file
+             for record in read_manifest(images)}
+    return [load_image(images / files[target_of[obj], obj, prompt]) for obj, prompt in prompts.items()]
 
 
 def write_sample_grid(path: Path, reference_images: Path, erased_images: Mapping[str, Path], scale: int = 4) -> Path:
     """PNG grid: one row per object; columns the unerased image, then the same prompt and seed with that object
     erased by each eraser (`erased_images`: label → unlearning image folder), enlarged `scale` times."""
-    objects = sorted({record.object for record in read_manifest(reference_images) if record.target == NO_ERASURE})
-    columns = [sample_images(reference_images, {obj: NO_ERASURE for obj in objects})]
-    columns += [sample_images(folder, {obj: obj for obj in objects}) for folder in erased_images.values()]
-    rows = [torch.cat([column[obj] for column in columns], dim=2) for obj in objects]  # each [3, H, W·columns]
+    prompts = sample_prompts(read_manifest(reference_images))
+    columns = [load_samples(reference_images, prompts, {obj: NO_ERASURE for obj in prompts})]
+    columns += [load_samples(folder, prompts, {obj: obj for obj in prompts}) for folder in erased_images.values()]
+    rows = [torch.cat(images, dim=2) for images in zip(*columns)]  # one per object, each [3, H, W·columns]
     grid = torch.cat(rows, dim=1)  # [3, H·objects, W·columns]
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # nearest-neighbour enlargement
     buffer = io.BytesIO()

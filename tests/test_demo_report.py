@@ -1,0 +1,57 @@
+"""The demo's table and sample grid, on hand-made results and solid-colour image folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saemnesia.demo_report import no_erasure_scores, report_table, write_sample_grid
+
+OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)
+
+
+def test_report_table_rows_in_percent():
+    reference = {"per_object": {"Cats": 0.9, "Dogs": 0.7}, "per_style": {"Cubism": 1.0, "Monet": 0.5}}
+    assert no_erasure_scores(reference) == pytest.approx({"UA": 0.2, "IRA": 0.8, "CRA": 0.75})
+    results = {"baseline": {"objects": {"UA": 0.5, "IRA": 0.625, "CRA": 0.7}, "reference": None},
+               "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85}, "reference": reference}}
+    rows = report_table(results, {"baseline": 6, "ours": 7}).splitlines()
+    assert rows[2:] == ["| no erasure | 20.0 | 80.0 | 75.0 | – |", "| baseline | 50.0 | 62.5 | 70.0 | 6 |",
+                        "| ours | 95.0 | 90.0 | 85.0 | 7 |"]
+
+
+def colour(target: str, obj: str, folder: int) -> tuple[int, int, int]:
+    """A distinct solid colour per (target, object, folder)."""
+    return (40 + 100 * ["none", *OBJECTS].index(target), 60 + 120 * OBJECTS.index(obj), 7 + 200 * folder)
+
+
+def write_folder(root: Path, targets: tuple[str, ...], folder: int) -> Path:
+    """An unlearning folder laid out as `ImageWriter` does: 8×8 solid-colour PNGs and manifest.jsonl."""
+    lines = []
+    for target in targets:
+        for obj in OBJECTS:
+            for style in STYLES:
+                file = f"{target}/{style + '_' if style else ''}{obj}_seed0.png"
+                (root / target).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), colour(target, obj, folder)).save(root / file)
+                lines.append(json.dumps({"file": file, "target": target, "erased": [] if target == "none" else [target],
+                                         "prompt_id": f"{obj}-{style}-s0", "prompt": "p", "object": obj,
+                                         "style": style, "seed": 0}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_sample_grid_rows_are_objects_and_columns_the_erasers(tmp_path):
+    reference = write_folder(tmp_path / "ours", ("none", *OBJECTS), folder=0)
+    baseline = write_folder(tmp_path / "baseline", OBJECTS, folder=1)
+    path = write_sample_grid(tmp_path / "grid.png", reference, {"baseline": baseline, "ours": reference}, scale=2)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (len(OBJECTS) * 16, 3 * 16, 3)
+    for row, obj in enumerate(OBJECTS):
+        for column, expected in enumerate((colour("none", obj, 0), colour(obj, obj, 1), colour(obj, obj, 0))):
+            block = grid[16 * row:16 * (row + 1), 16 * column:16 * (column + 1)]
+            assert (block == expected).all(), (obj, column)
