@@ -133,7 +133,8 @@ class RunResult(NamedTuple):
 
 
 def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[str, Tensor]]:
-    """Batches in the format the ActivationDataModule yields, already on the device (no transfer is timed)."""
+    """Batches as SAEModule's steps see them (float32, after `on_after_batch_transfer`), already on the device (no
+    transfer is timed)."""
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(config.device)
     batches = []

@@ -119,11 +119,6 @@ class TokenReader:
             self.leftover = self.leftover[len(part):] if len(self.leftover) > len(part) else None
         return written
 
-    def take(self, count: int) -> np.ndarray:
-        """The next `count` tokens `[count, d]`; fewer (down to none) when the stream ends."""
-        tokens = np.empty((count, self.width), np.float16)  # [count, d]
-        return tokens[:self.fill(tokens, np.arange(count))]
-
 
 def token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: int,
                   rng: np.random.Generator | None, partial_batches: bool) -> Iterator[dict]:
@@ -136,19 +131,23 @@ def token_batches(samples: Iterator[dict], batch_size: int, width: int, buffer: 
     """
     reader = TokenReader((sample["act"] for sample in samples), width)
     if rng is None:
-        while len(batch := reader.take(batch_size)) == batch_size or (partial_batches and len(batch) > 0):
-            yield collate_tokens(batch)
-        return
-    pool = reader.take(max(buffer, batch_size))  # [P, d]
+        while True:
+            act = empty_batch(batch_size, width)  # [batch_size, d]
+            count = reader.fill(act.numpy(), np.arange(batch_size))
+            if count < batch_size and not (partial_batches and count > 0):
+                return
+            yield {"act": act[:count]}
+    pool = np.empty((max(buffer, batch_size), width), np.float16)  # [P, d]
+    pool = pool[:reader.fill(pool, np.arange(len(pool)))]
     while len(pool) >= batch_size:
         chosen = rng.choice(len(pool), size=batch_size, replace=False)
-        batch = collate_tokens(pool[chosen])  # copied out before the refill overwrites these rows
+        batch = gather_tokens(pool, chosen)  # copied out before the refill overwrites these rows
         refilled = reader.fill(pool, chosen)
         if refilled < batch_size:  # the stream ended: the pool drains in random order
             pool = np.delete(pool, chosen[refilled:], axis=0)
         yield batch
     if partial_batches and len(pool) > 0:
-        yield collate_tokens(pool[rng.permutation(len(pool))])
+        yield gather_tokens(pool, rng.permutation(len(pool)))
 
 
 def seeded_shuffle(items: Iterator, buffer: int, seed: int, epoch: int, rank: int) -> Iterator:
@@ -171,16 +170,16 @@ def take_worker_share(batches: Iterator, total: int) -> Iterator:
 
 
 def empty_batch(*shape: int) -> torch.Tensor:
-    """An uninitialised float32 batch. In a DataLoader worker it is made in shared memory, where the batch must go
-    anyway: sending it to the main process then passes a handle instead of copying it into shared memory."""
-    batch = torch.empty(shape)
+    """An uninitialised float16 batch: the stored dtype, half the bytes of float32 to move, which the model
+    converts on its device. In a DataLoader worker it is made in shared memory, where the batch must go anyway:
+    sending it to the main process then passes a handle instead of copying it into shared memory."""
+    batch = torch.empty(shape, dtype=torch.float16)
     return batch.share_memory_() if torch.utils.data.get_worker_info() is not None else batch
 
 
 def collate_samples(samples: list[dict]) -> dict:
     act = empty_batch(len(samples), *samples[0]["act"].shape)  # [B, N, d]
-    for row, sample in zip(act, samples):
-        row.copy_(torch.from_numpy(sample["act"]))  # converts while copying: no float16 batch in between
+    np.stack([sample["act"] for sample in samples], out=act.numpy())
     return {"act": act,
             "object": torch.tensor([s["object"] for s in samples], dtype=torch.int64),
             "style": torch.tensor([s["style"] for s in samples], dtype=torch.int64),
@@ -188,12 +187,17 @@ def collate_samples(samples: list[dict]) -> dict:
             "key": [s["key"] for s in samples]}
 
 
-def collate_tokens(tokens: np.ndarray) -> dict:
-    return {"act": empty_batch(*tokens.shape).copy_(torch.from_numpy(tokens))}  # [batch_size, d]
+def gather_tokens(pool: np.ndarray, rows: np.ndarray) -> dict:
+    """The batch `{act: pool[rows]}`, gathered straight into the batch's memory."""
+    act = empty_batch(len(rows), pool.shape[1])  # [len(rows), d]
+    np.take(pool, rows, axis=0, out=act.numpy(), mode="clip")  # "clip" writes to `out` unbuffered; rows are valid
+    return {"act": act}
 
 
 class ActivationDataModule(pl.LightningDataModule):
-    """Activation shards as batches of samples (`{act [B, N, d], object, style, step, key}`) or of tokens (`{act}`)."""
+    """Activation shards as batches of samples (`{act [B, N, d], object, style, step, key}`) or of tokens
+    (`{act [batch_size, d]}`). `act` is float16, as stored: the model converts it to its own dtype on its device
+    (`SAEModule.on_after_batch_transfer`), so workers and the host-to-device copy move half the bytes of float32."""
 
     def __init__(self, shards: str | list[str], manifest: str | None = None, batch_size: int = 128,
                  token_level: bool = False, steps_per_epoch: int = 1000, val_fraction: float = 0.1,

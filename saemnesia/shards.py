@@ -16,6 +16,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -29,6 +30,7 @@ from webdataset.tariterators import group_by_keys
 
 from saemnesia.concepts import ConceptVocabulary
 from saemnesia.io import atomic_write_text
+from saemnesia.tar_reader import tar_files
 
 MANIFEST_FILE = "manifest.json"
 SHARD_DTYPE = "float16"
@@ -41,10 +43,6 @@ MANIFEST_KEYS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concept
 MERGE_FIELDS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concepts", "dtype")
 URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 """Start of a URL or `pipe:` command (two letters at least, so that a Windows drive letter stays a path)."""
-NPY_HEADER_BYTES = 4096
-"""Bytes that hold any `.npy` header this project writes (numpy pads them to 64 or 128 bytes)."""
-
-
 def is_url(location: str | os.PathLike) -> bool:
     """Whether `location` is a URL or `pipe:` command for webdataset to open, rather than a local path."""
     return bool(URL_SCHEME.match(str(location)))
@@ -193,45 +191,34 @@ def read_url(url: str, what: str) -> bytes:
     return content
 
 
-def npy_array(contents: np.ndarray) -> np.ndarray:
-    """The array of an `.npy` file's bytes (uint8), as a view of them: `np.load` would copy it once more."""
+@lru_cache(maxsize=16)
+def npy_layout(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an `.npy` header (the bytes before the data). Cached: numpy parses the header with `ast`,
+    which costs more than reading a toy map, and every map of a folder has the same header."""
     formats = np.lib.format
-    with io.BytesIO(contents[:NPY_HEADER_BYTES].tobytes()) as header:
-        version = formats.read_magic(header)
+    with io.BytesIO(header) as stream:
+        version = formats.read_magic(stream)
         read_header = formats.read_array_header_1_0 if version == (1, 0) else formats.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(header)
-        offset = header.tell()
+        shape, fortran_order, dtype = read_header(stream)
     if fortran_order:  # never written by ShardSink; a C-order view would transpose it silently
         raise ValueError("Expected a C-ordered .npy array, got a Fortran-ordered one.")
+    return shape, dtype
+
+
+def npy_array(contents: np.ndarray) -> np.ndarray:
+    """The array of an `.npy` file's bytes (uint8), as a view of them: `np.load` would copy it once more."""
+    # Version 1 headers give their length in 2 bytes after the 8-byte magic and version, later versions in 4.
+    length_bytes = 2 if contents[6:7].tobytes() == b"\x01" else 4
+    offset = 8 + length_bytes + int.from_bytes(contents[8:8 + length_bytes].tobytes(), "little")
+    shape, dtype = npy_layout(contents[:offset].tobytes())
     return contents[offset:].view(dtype).reshape(shape)
-
-
-def tar_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, bytes as a uint8 array) of each file of a tar stream, in order.
-
-    A seekable stream (a local file) is read with random access, each file with one read straight into its array;
-    webdataset's streaming reader copies every file several times in 10 KiB blocks (3× slower on SD1.5 maps).
-    Other streams (URLs, `pipe:` commands) are read in order.
-    """
-    seekable = getattr(stream, "seekable", lambda: False)()
-    with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            contents = np.empty(member.size, np.uint8)  # uninitialised: filled by the read below
-            if seekable:
-                stream.seek(member.offset_data)
-                if stream.readinto(contents) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-            else:
-                contents[:] = np.frombuffer(archive.extractfile(member).read(), np.uint8)
-            yield member.name, contents
 
 
 def shard_samples(url: str) -> Iterator[dict]:
     """The samples of one shard (a path or URL) in file order, decoded: `{__key__, __url__, act.npy: float16 [N, d]
-    array, json: dict}`. A sample missing a file raises `tarfile.ReadError`: tarfile ends quietly at a header that
-    was cut short, so a shard truncated there would otherwise lose the end of a sample unnoticed."""
+    array, json: dict}`. A sample missing a file raises `tarfile.ReadError`: tarfile (which reads the streams) ends
+    quietly at a header that was cut short, so a shard truncated there would otherwise lose the end of a sample
+    unnoticed."""
     stream = wds.gopen(url)
     try:
         files = ({"fname": name, "data": contents, "__url__": url} for name, contents in tar_files(stream))

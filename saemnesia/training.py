@@ -133,6 +133,11 @@ class SAEModule(pl.LightningModule):
                 num_steps=self.trainer.datamodule.num_steps, num_batches=self.hparams.assignment_batches,
                 reduce=self._sum_over_ranks)
 
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        # Batches come as stored (float16): converting here, on the device, halves what the loader moves.
+        batch["act"] = batch["act"].to(self.sae.W_dec.dtype)
+        return batch
+
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         fresh = self.hparams.init_from is None and self.global_step == 0 and batch_idx == 0
         if fresh and self.objective == "unsupervised":
@@ -260,7 +265,7 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
     sums = torch.zeros(num_concepts, num_steps, sae.num_latents, dtype=torch.float64, device=sae.W_dec.device)
     counts = torch.zeros(num_concepts, num_steps, dtype=torch.float64, device=sae.W_dec.device)
     for index, batch in zip(range(num_batches), batches):
-        x = batch["act"].to(sae.W_dec.device)  # [B, N, d]
+        x = batch["act"].to(sae.W_dec.device, sae.W_dec.dtype)  # [B, N, d], delivered as stored (float16)
         acts, indices = sae.pre_acts(x).topk(sae.cfg.k, dim=-1)  # per-token TopK, as fine-tuning uses
         codes = torch.zeros(*x.shape[:2], sae.num_latents, device=x.device).scatter_(-1, indices, acts)
         codes_mean = codes.mean(1).double()  # [B, L]: token-averaged code per sample

@@ -40,11 +40,12 @@ def keys_of(loader) -> list[str]:
 
 
 def check_against_written(batch: dict, samples: dict[str, SyntheticSample], data: ActivationDataModule) -> None:
-    """Every sample of a map-level batch equals what the helper wrote (activations exact, labels as indices)."""
-    assert batch["act"].dtype == torch.float32 and batch["act"].shape == (len(batch["key"]), N, D)
+    """Every sample of a map-level batch equals what the helper wrote (activations exact and float16 as stored,
+    labels as indices)."""
+    assert batch["act"].dtype == torch.float16 and batch["act"].shape == (len(batch["key"]), N, D)
     for i, key in enumerate(batch["key"]):
         written = samples[key]
-        np.testing.assert_array_equal(batch["act"][i].numpy(), written.act.astype(np.float32))
+        np.testing.assert_array_equal(batch["act"][i].numpy(), written.act)
         assert batch["object"][i] == data.vocabulary.objects.index(written.meta["object"])
         style = written.meta["style"]
         assert batch["style"][i] == (NO_STYLE if style is None else data.vocabulary.styles.index(style))
@@ -134,10 +135,10 @@ def test_token_level_batches_hold_exactly_the_stored_tokens(shard_folder) -> Non
                                 shuffle_buffer=50)
     train = list(data.train_dataloader())
     assert len(train) == 3 and all(set(b) == {"act"} and b["act"].shape == (10, D) for b in train)
-    assert all(b["act"].dtype == torch.float32 for b in train)
+    assert all(b["act"].dtype == torch.float16 for b in train)  # as stored: the model converts on its device
     val_rows = torch.cat([batch["act"] for batch in data.val_dataloader()])  # [tokens, d]
     val_keys = [key for url in data.val_urls for key in shard_keys(url)]
-    expected = np.concatenate([samples[key].act for key in val_keys]).astype(np.float32)  # [tokens, d]
+    expected = np.concatenate([samples[key].act for key in val_keys])  # [tokens, d]
     assert Counter(map(tuple, val_rows.tolist())) == Counter(map(tuple, expected.tolist()))
 
 
@@ -183,7 +184,7 @@ class RecordKeys(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.seen.setdefault(self.current_epoch, []).extend(batch["key"])
-        return self.layer(batch["act"]).mean()
+        return self.layer(batch["act"].float()).mean()  # batches come float16, as stored
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -279,8 +280,8 @@ def test_token_pool_emits_every_token_once_in_mixed_batches():
                                  partial_batches=True))
     assert [len(b["act"]) for b in batches] == [6] * 6 + [4]
     emitted = sorted(map(tuple, torch.cat([b["act"] for b in batches]).tolist()))
-    assert emitted == sorted(map(tuple, np.concatenate(maps).astype(np.float32).tolist()))
-    in_order = np.concatenate(maps).astype(np.float32)
+    assert emitted == sorted(map(tuple, np.concatenate(maps).tolist()))
+    in_order = np.concatenate(maps)  # [40, 2]
     assert not np.array_equal(torch.cat([b["act"] for b in batches]).numpy(), in_order)  # shuffled
     # Without a generator the tokens come in stream order, the last batch partial.
     ordered = list(token_batches(({"act": act} for act in maps), batch_size=6, width=2, buffer=0, rng=None,

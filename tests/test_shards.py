@@ -22,6 +22,7 @@ from saemnesia.shards import (
     scan_shards,
     stored_prompt_ids,
 )
+from saemnesia.tar_reader import UnusualTar, local_tar_files, tar_files
 
 N, D = 4, 8
 
@@ -139,3 +140,63 @@ def test_manifest_load_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"hookpoint": "h", "d_in": 8}))
     with pytest.raises(ValueError, match=r"manifest.json is missing keys \['tokens_per_sample'"):
         ShardManifest.load(tmp_path)
+
+
+def write_tar(path: Path, tar_format: int, pax_headers: dict[str, str] | None = None) -> Path:
+    """A tar in `tar_format` whose headers the fast reader must decode: a name longer than 100 characters
+    (ustar prefix, GNU long name or pax path), a float mtime (a pax header), a folder, a symbolic link, an
+    empty file and files whose sizes are and are not whole blocks."""
+    contents = {"short.bin": b"abc", "empty.bin": b"", "block.bin": bytes(range(256)) * 2,
+                "folder-" + "x" * 80 + "/long-" + "y" * 40 + ".npy": np.arange(300, dtype=np.float16).tobytes()}
+    with tarfile.open(path, "w", format=tar_format, pax_headers=pax_headers or {}) as archive:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for index, (name, data) in enumerate(contents.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000 + (0.5 if tar_format == tarfile.PAX_FORMAT else 0)
+            archive.addfile(info, io.BytesIO(data))
+            if index == 1:
+                link = tarfile.TarInfo("link.bin")
+                link.type, link.linkname = tarfile.SYMTYPE, "short.bin"
+                archive.addfile(link)
+    return path
+
+
+def files_by_tarfile(data: bytes) -> list[tuple[str, bytes]]:
+    """Independent reader: (name, contents) of every regular file of a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return [(m.name, archive.extractfile(m).read()) for m in archive.getmembers() if m.isreg()]
+
+
+def files_by_tar_files(data: bytes, reader=tar_files) -> list[tuple[str, bytes]]:
+    return [(name, contents.tobytes()) for name, contents in reader(io.BytesIO(data))]
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_files_parses_every_format_as_tarfile_does(tmp_path: Path, tar_format: int) -> None:
+    data = write_tar(tmp_path / "files.tar", tar_format).read_bytes()
+    expected = files_by_tarfile(data)
+    assert len(expected) == 4
+    assert files_by_tar_files(data, local_tar_files) == files_by_tar_files(data) == expected
+
+
+def test_tar_files_leaves_unusual_headers_to_tarfile_midway(tmp_path: Path) -> None:
+    """A global pax header (typeflag `g`) after the first file: the fast reader stops there, tarfile goes on."""
+    plain = write_tar(tmp_path / "plain.tar", tarfile.USTAR_FORMAT).read_bytes()
+    global_header = write_tar(tmp_path / "global.tar", tarfile.PAX_FORMAT, {"comment": "g"}).read_bytes()[:1024]
+    assert global_header[156:157] == b"g"  # its header block, then one block of records
+    first_file_end = 512 + 1024  # the folder's header, then short.bin's header and data block
+    data = plain[:first_file_end] + global_header + plain[first_file_end:]
+    with pytest.raises(UnusualTar):
+        files_by_tar_files(data, local_tar_files)
+    assert files_by_tar_files(data) == files_by_tarfile(data) == files_by_tarfile(plain)
+
+
+def test_tar_files_rejects_a_damaged_header(tmp_path: Path) -> None:
+    data = bytearray(write_tar(tmp_path / "files.tar", tarfile.USTAR_FORMAT).read_bytes())
+    data[512 + 3] ^= 1  # a name byte of the second header: its checksum no longer matches
+    with pytest.raises(tarfile.ReadError, match="bad checksum"):
+        list(tar_files(io.BytesIO(bytes(data))))
+    with pytest.raises(tarfile.ReadError, match="truncated header"):
+        list(tar_files(io.BytesIO(bytes(data[:512 + 100]))))

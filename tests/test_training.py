@@ -75,7 +75,7 @@ def test_assignment_finds_the_latent_each_concept_drives():
         for row, style in enumerate(styles.tolist()):
             if style != NO_STYLE:
                 x[row] += 3.0 * directions[planted[vocabulary.styles[style]]]
-        return {"act": x, "object": objects, "style": styles, "step": torch.randint(0, 2, (size,))}
+        return {"act": x.half(), "object": objects, "style": styles, "step": torch.randint(0, 2, (size,))}  # as stored
 
     assigned = estimate_concept_latents(sae, (batch(64) for _ in range(4)), vocabulary, num_steps=2, num_batches=4)
     assert assigned == planted
@@ -112,12 +112,15 @@ class FirstLoss(pl.Callback):
             self.loss = float(outputs["loss"])
 
 
-def first_step_loss(objective: str, precision: str, root: Path) -> tuple[float, SparseAutoencoder]:
+def first_step_loss(objective: str, precision: str, root: Path, act_dtype: torch.dtype = torch.float16
+                    ) -> tuple[float, SparseAutoencoder]:
+    """Loss of the first step on a batch of float16 values, delivered as `act_dtype` (the datamodule: float16)."""
     from saemnesia.training import SAEModule
 
     vocabulary = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism",))
     generator = torch.Generator().manual_seed(0)
-    batch = {"act": torch.randn(4, 6, 16, generator=generator), "object": torch.tensor([0, 1, 0, 1]),
+    act = torch.randn(4, 6, 16, generator=generator).half().to(act_dtype)  # [B, N, d]
+    batch = {"act": act, "object": torch.tensor([0, 1, 0, 1]),
              "style": torch.tensor([0, NO_STYLE, NO_STYLE, 0]), "step": torch.zeros(4, dtype=torch.long)}
     if objective == "unsupervised":
         batch = {"act": batch["act"].reshape(24, 16)}  # token-level batch: [N, d]
@@ -142,3 +145,11 @@ def test_bf16_mixed_precision_trains_with_a_loss_close_to_float32(objective, tmp
     assert math.isfinite(mixed_loss) and mixed_loss == pytest.approx(full_loss, rel=3e-2)
     for name, parameter in sae.named_parameters():
         assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all(), name
+
+
+@pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
+def test_float16_batches_train_like_float32_batches_of_the_same_values(objective, tmp_path):
+    """The module converts the stored float16 activations to its parameters' dtype on its device."""
+    from_float16, _ = first_step_loss(objective, "32-true", tmp_path, act_dtype=torch.float16)
+    from_float32, _ = first_step_loss(objective, "32-true", tmp_path, act_dtype=torch.float32)
+    assert from_float16 == from_float32
