@@ -225,7 +225,9 @@ def test_shipped_pipeline_fits_the_budget_and_layout():
 def trained_tiny(tmp_path_factory):
     """Each toy config run for 2 steps with small batches in a scratch working directory (assets go there)."""
     workdir = tmp_path_factory.mktemp("toy")
-    small = ["--trainer.fast_dev_run=2", "--data.init_args.batch_size=8", "--data.init_args.val_size=16", *QUIET]
+    # One process: the model config's two DDP processes would relaunch pytest itself.
+    small = ["--trainer.fast_dev_run=2", "--trainer.devices=1", "--trainer.strategy=auto",
+             "--data.init_args.batch_size=8", "--data.init_args.val_size=16", *QUIET]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         for config in ("toy_classifiers", "toy_vae", "toy_model"):
