@@ -14,7 +14,6 @@ import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
@@ -25,7 +24,7 @@ from torch import Tensor
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
-from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype, save_tiny_pipeline
+from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype
 from saemnesia.unlearning import ConceptEraser
 
 CAPTURE_DTYPE = torch.float16
@@ -101,7 +100,7 @@ class HookedDiffusion(pl.LightningModule):
                  capture: CaptureConfig | None = None, erasure: ErasureConfig | None = None, num_steps: int = 50,
                  guidance_scale: float = 9.0, height: int = 512, width: int = 512,
                  output_type: Literal["latent", "image"] = "latent", dtype: str = "float32",
-                 scheduler: SchedulerChoice = "ddim", build_tiny_if_missing: bool = False):
+                 scheduler: SchedulerChoice = "ddim"):
         """
         Args:
             pipeline: Local diffusers pipeline folder (SD 1.x/2.x or SDXL), loaded with `load_pipeline`.
@@ -117,8 +116,6 @@ class HookedDiffusion(pl.LightningModule):
             output_type: Return final `latent`s (no VAE decode: cheapest) or decoded `image`s.
             dtype: Pipeline weights dtype, e.g. `float16` on a GPU.
             scheduler: `ddim` (published) or `keep` the folder's scheduler.
-            build_tiny_if_missing: Build a tiny random-weight pipeline (`save_tiny_pipeline`) at `pipeline` when the
-                folder does not exist; for the toy configs until a trained toy model is shipped.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -139,12 +136,6 @@ class HookedDiffusion(pl.LightningModule):
         if self.erasers is not None:
             self.erasers.check_steps(num_steps)  # refused before any pipeline loads
         self.pipe: DiffusionPipeline | None = None
-
-    def prepare_data(self) -> None:
-        """Build the tiny pipeline when asked to and missing. Lightning runs this once per node before `setup`."""
-        folder = Path(self.hparams.pipeline)
-        if self.hparams.build_tiny_if_missing and not folder.exists():
-            save_tiny_pipeline(folder)
 
     def setup(self, stage: str) -> None:
         """Load the pipeline (and move the erasure SAE) onto this process's device, which Lightning sets before

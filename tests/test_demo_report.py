@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from saemnesia.demo import REPO, TOY_NUM_LATENTS
 from saemnesia.demo_report import no_erasure_scores, report_table, write_sample_grid
+from saemnesia.toy import TOY_PIPELINE_DIR
 
 OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)
 
@@ -55,3 +58,11 @@ def test_sample_grid_rows_are_objects_and_columns_the_erasers(tmp_path):
         for column, expected in enumerate((colour("none", obj, 0), colour(obj, obj, 1), colour(obj, obj, 0))):
             block = grid[16 * row:16 * (row + 1), 16 * column:16 * (column + 1)]
             assert (block == expected).all(), (obj, column)
+
+
+def test_demo_latent_count_matches_the_toy_sae_config():
+    """The baseline's percentiles are computed for `TOY_NUM_LATENTS`; it must be what configs/toy/sae.yaml trains:
+    the shipped UNet's channels at the hookpoint (`block_out_channels[-2]`) times the expansion factor."""
+    sae_config = yaml.safe_load((REPO / "configs/toy/sae.yaml").read_text())["model"]["init_args"]["sae"]
+    unet = json.loads((TOY_PIPELINE_DIR / "unet/config.json").read_text())
+    assert TOY_NUM_LATENTS == unet["block_out_channels"][-2] * sae_config["expansion_factor"]
