@@ -35,8 +35,9 @@ class ErasureConfig:
     (`cls_latents_dict_unet.up_blocks.1.attentions.1.pkl`) when the name ends in `.pkl`. Their number of steps T
     must be `model.num_steps`."""
     class_params: str | None = None
-    """`{concept: {percentile, multiplier}}` file, `.pth` (published) or `.json`; `None` when `percentile` and
-    `multiplier` below are both given."""
+    """`{concept: {percentile, multiplier}}` file, `.pth` (published) or `.json`; not read (and may be `None`) when
+    `percentile` and `multiplier` below are both given, so one search run is `--…erasure.multiplier -5` on top of
+    any config."""
     error_mode: Literal["reference", "exact", "none"] = "exact"
     """How the SAE error enters the output (SPEC §4): `exact` keeps it (`x + r' − r`); `reference` reproduces the
     published code and numbers (`r' + r − x`); `none` returns `r'`."""
@@ -75,7 +76,9 @@ class ErasureBuilder:
         if stats_hookpoint not in (None, hookpoint):
             raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "
                              f"model.hookpoint is {hookpoint}; recompute them at this hookpoint.")
-        self.class_params = load_class_params(config.class_params) if config.class_params is not None else {}
+        # Overrides of both fields leave nothing to read from the file.
+        needed = config.class_params is not None and None in (config.percentile, config.multiplier)
+        self.class_params = load_class_params(config.class_params) if needed else {}
         self._erasers: dict[tuple[str, ...], ConceptEraser] = {}
 
     def check_steps(self, num_steps: int) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from cli import main
 from datamodules.prompts import PromptDataModule
 from saemnesia.class_params import save_class_params
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
-from saemnesia.erasure import ErasureConfig
+from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.generation import CaptureConfig, HookedDiffusion
 from saemnesia.sae import SaeConfig, SparseAutoencoder
 
@@ -114,6 +115,16 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
         for target in ("Circle", "Square"):
             difference = np.abs(pixels(IMAGES / target / name) - pixels(IMAGES / "none" / name)).mean()
             assert difference > 1.0, (target, name, difference)
+
+
+def test_percentile_and_multiplier_override_every_target_without_reading_class_params(toy_cwd):
+    erasure = ErasureConfig(sae="runs/toy/sae_supervised", stats="runs/toy/stats/concept_stats.safetensors",
+                            class_params="missing.json", percentile=99.5, multiplier=-3.0)
+    builder = ErasureBuilder(erasure, HOOKPOINT)
+    assert builder.params_for(("Circle", "Square")) == {name: {"percentile": 99.5, "multiplier": -3.0}
+                                                         for name in ("Circle", "Square")}
+    with pytest.raises(FileNotFoundError, match="class_params file missing.json does not exist."):
+        ErasureBuilder(replace(erasure, percentile=None), HOOKPOINT)  # the file is needed for the percentiles
 
 
 def test_erasure_rewrites_both_halves_at_every_step_and_capture_sees_its_output(toy_cwd):
