@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import re
 import tarfile
@@ -214,20 +215,44 @@ def npy_array(contents: np.ndarray) -> np.ndarray:
     return contents[offset:].view(dtype).reshape(shape)
 
 
+MAPPED_SHARDS = 32
+"""Local shards each process keeps mapped and indexed: training draws shards again and again, and mapping a file's
+pages and parsing its headers cost about as much as copying its bytes once."""
+
+
+def decoded_samples(files: Iterator[tuple[str, np.ndarray]], url: str) -> Iterator[dict]:
+    """Samples of a shard's (name, bytes) files, decoded: `{__key__, __url__, act.npy: float16 [N, d] array,
+    json: dict}`. A sample missing a file raises `tarfile.ReadError`: tarfile (which reads the streams) ends quietly
+    at a header that was cut short, so a shard truncated there would otherwise lose the end of a sample unnoticed."""
+    for sample in group_by_keys({"fname": name, "data": contents, "__url__": url} for name, contents in files):
+        missing = [name for name in SAMPLE_FILES if name not in sample]
+        if missing:
+            raise tarfile.ReadError(f"sample {sample['__key__']} lacks {missing}")
+        sample["act.npy"], sample["json"] = npy_array(sample["act.npy"]), json.loads(sample["json"].tobytes())
+        yield sample
+
+
+@lru_cache(maxsize=MAPPED_SHARDS)
+def mapped_shard(path: str, identity: tuple[int, int, int]) -> list[dict]:
+    """The decoded samples of a local shard, each `act.npy` a read-only view of the file mapped into memory (no
+    copy: batches are built straight from the page cache). `identity` (inode, size, mtime) makes a shard replaced
+    under the same name a new entry. The pages are mapped at once (`MAP_POPULATE`), not faulted in one by one."""
+    with open(path, "rb") as file:
+        archive = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return list(decoded_samples(tar_files(archive), path))
+
+
 def shard_samples(url: str) -> Iterator[dict]:
-    """The samples of one shard (a path or URL) in file order, decoded: `{__key__, __url__, act.npy: float16 [N, d]
-    array, json: dict}`. A sample missing a file raises `tarfile.ReadError`: tarfile (which reads the streams) ends
-    quietly at a header that was cut short, so a shard truncated there would otherwise lose the end of a sample
-    unnoticed."""
+    """The samples of one shard (a path or URL) in file order, decoded (`decoded_samples`). A local shard's maps are
+    views of the mapped file (`mapped_shard`); a URL or `pipe:` command is streamed, each map read into an array."""
+    if not is_url(url):
+        status = os.stat(url)
+        for sample in mapped_shard(str(url), (status.st_ino, status.st_size, status.st_mtime_ns)):
+            yield dict(sample)  # the cached sample stays as it was, whatever a consumer does with its copy
+        return
     stream = wds.gopen(url)
     try:
-        files = ({"fname": name, "data": contents, "__url__": url} for name, contents in tar_files(stream))
-        for sample in group_by_keys(files):
-            missing = [name for name in SAMPLE_FILES if name not in sample]
-            if missing:
-                raise tarfile.ReadError(f"sample {sample['__key__']} lacks {missing}")
-            sample["act.npy"], sample["json"] = npy_array(sample["act.npy"]), json.loads(sample["json"].tobytes())
-            yield sample
+        yield from decoded_samples(tar_files(stream), url)
     except Exception:
         close_stream(stream)  # a failed command or download says more than the tar error it caused
         raise

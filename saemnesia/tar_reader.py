@@ -1,12 +1,15 @@
-"""The files of a tar stream as numpy arrays, fast for the many small files of activation shards.
+"""The files of a tar archive as numpy arrays, fast for the many small files of activation shards.
 
-`tarfile` decodes every field of every header in Python, which took half the time of streaming toy-sized maps
-(2 KiB each); `local_tar_files` parses the few fields a shard needs from the 512-byte headers itself and reads each
-file with one call straight into its array, and hands anything unusual back to `tarfile` (`tar_files`).
+A local archive is mapped into memory and each file is given as a view of its bytes there: nothing is copied until
+a batch is built from it, so the bytes of a map are copied once, from the page cache into the batch (a `read`
+into an array and a copy from it into the batch would be two passes). `tarfile` decodes every field of every header
+in Python, which took half the time of streaming toy-sized maps (2 KiB each); `local_tar_files` parses the few
+fields a shard needs from the 512-byte headers itself, and hands anything unusual back to `tarfile` (`tar_files`).
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -79,40 +82,41 @@ def pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def read_block_data(stream: IO[bytes], size: int) -> np.ndarray:
-    """The `size` data bytes after a header, read straight into their array, then the padding to a whole block."""
-    contents = np.empty(size, np.uint8)  # uninitialised: filled by the read below
-    if stream.readinto(contents) != size:
+def view_block_data(archive: mmap.mmap, size: int) -> np.ndarray:
+    """A read-only view of the `size` data bytes after a header; moves past them and the padding to a whole block."""
+    start = archive.tell()
+    if start + size > len(archive):
         raise tarfile.ReadError("unexpected end of data")
-    stream.read(-size % TAR_BLOCK)
-    return contents
+    archive.seek(min(start + size + -size % TAR_BLOCK, len(archive)))  # the padding of the last file may be cut
+    return np.frombuffer(archive, np.uint8, size, start)
 
 
-def local_tar_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
-    """`tar_files` of a stream positioned at the start of a tar file, parsing the headers here: `tarfile` decodes
-    every field of every header in Python, which took half the time of streaming toy-sized maps (2 KiB). Raises
-    `UnusualTar` at a header kind it does not handle."""
+def local_tar_files(archive: mmap.mmap) -> Iterator[tuple[str, np.ndarray]]:
+    """`tar_files` of a mapped tar file, parsing the headers here: `tarfile` decodes every field of every header
+    in Python, which took half the time of streaming toy-sized maps (2 KiB). Raises `UnusualTar` at a header kind
+    it does not handle."""
     overrides: dict[str, str] = {}  # from a pax or GNU long-name header, for the next file
-    while (header := parse_tar_header(stream.read(TAR_BLOCK))) is not None:
+    archive.seek(0)
+    while (header := parse_tar_header(archive.read(TAR_BLOCK))) is not None:
         if header.kind in TAR_REGULAR:
             size = int(overrides.get("size", header.size))
-            yield overrides.get("path", header.name), read_block_data(stream, size)
+            yield overrides.get("path", header.name), view_block_data(archive, size)
             overrides = {}
         elif header.kind == b"x":
-            overrides = pax_records(read_block_data(stream, header.size).tobytes())
+            overrides = pax_records(view_block_data(archive, header.size).tobytes())
             if any(key.startswith("GNU.sparse") for key in overrides):
                 raise UnusualTar("pax sparse file")
         elif header.kind == b"L":
-            overrides = {"path": read_block_data(stream, header.size).tobytes().split(b"\0", 1)[0]
+            overrides = {"path": view_block_data(archive, header.size).tobytes().split(b"\0", 1)[0]
                          .decode("utf-8", "surrogateescape")}
         elif header.kind in TAR_SKIPPED:  # links, devices, folders: no file to yield
-            read_block_data(stream, header.size)
+            view_block_data(archive, header.size)
             overrides = {}
         else:
             raise UnusualTar(f"typeflag {header.kind!r}")
 
 
-def tarfile_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
+def tarfile_files(stream: IO[bytes] | mmap.mmap) -> Iterator[tuple[str, np.ndarray]]:
     """`tar_files` by the standard library: any tar format, read in order (streams cannot seek)."""
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
@@ -123,21 +127,21 @@ def tarfile_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
                 yield member.name, contents
 
 
-def tar_files(stream: IO[bytes]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, bytes as a uint8 array) of each regular file of a tar stream, in order.
+def tar_files(source: IO[bytes] | mmap.mmap) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, bytes as a uint8 array) of each regular file of a tar archive, in order.
 
-    A local file (a seekable stream) is parsed here, each file read with one call straight into its array; at a
-    header kind that reader leaves alone it starts over with `tarfile`, skipping the files already given. Other
-    streams (URLs, `pipe:` commands) are read by `tarfile`.
+    A mapped local file is parsed here, each file given as a view of the mapping; at a header kind that reader
+    leaves alone it starts over with `tarfile`, skipping the files already given. Streams (URLs, `pipe:` commands)
+    are read by `tarfile`, each file into a new array.
     """
-    if not getattr(stream, "seekable", lambda: False)():
-        yield from tarfile_files(stream)
+    if not isinstance(source, mmap.mmap):
+        yield from tarfile_files(source)
         return
     given = 0
     try:
-        for name_and_contents in local_tar_files(stream):
+        for name_and_contents in local_tar_files(source):
             yield name_and_contents
             given += 1
     except UnusualTar:
-        stream.seek(0)
-        yield from islice(tarfile_files(stream), given, None)
+        source.seek(0)
+        yield from islice(tarfile_files(source), given, None)

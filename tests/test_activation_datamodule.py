@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import tarfile
 from collections import Counter
@@ -287,3 +289,80 @@ def test_token_pool_emits_every_token_once_in_mixed_batches():
     ordered = list(token_batches(({"act": act} for act in maps), batch_size=6, width=2, buffer=0, rng=None,
                                  partial_batches=True))
     assert np.array_equal(torch.cat([b["act"] for b in ordered]).numpy(), in_order) and len(ordered[-1]["act"]) == 4
+
+
+def stored_maps(shards: list[str]) -> dict[str, np.ndarray]:
+    """Independent reader: every `act.npy` member of the shards, by sample key, read with tarfile and np.load."""
+    maps = {}
+    for shard in shards:
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".act.npy"):
+                    maps[member.name.split(".")[0]] = np.load(io.BytesIO(archive.extractfile(member).read()))
+    return maps
+
+
+def test_local_shards_deliver_the_stored_maps_and_each_token_once_per_pass(shard_folder) -> None:
+    """Map batches equal the members' `np.load`; a shuffled pass over local shards delivers every stored token once,
+    drawing each batch from several maps, as a function of the generator's seed."""
+    from datamodules.activations import token_batches
+    from saemnesia.shards import shard_samples
+
+    folder, _ = shard_folder
+    data = ActivationDataModule(str(folder), batch_size=4, val_shards=3)
+    stored = stored_maps(data.val_urls)
+    batches = list(data.val_dataloader())
+    assert sorted(keys_of(batches)) == sorted(stored)
+    for batch in batches:
+        for key, act in zip(batch["key"], batch["act"]):
+            np.testing.assert_array_equal(act.numpy(), stored[key])
+
+    def shuffled_pass(seed: int) -> list[np.ndarray]:
+        samples = ({"act": sample["act.npy"]} for url in data.val_urls for sample in shard_samples(url))
+        return [batch["act"].numpy() for batch in token_batches(samples, batch_size=6, width=D, buffer=20,
+                                                                rng=np.random.default_rng(seed), partial_batches=True)]
+
+    delivered = shuffled_pass(seed=0)
+    expected = np.concatenate([stored[key] for key in stored])  # [tokens, d]
+    assert Counter(map(tuple, np.concatenate(delivered).tolist())) == Counter(map(tuple, expected.tolist()))
+    assert all(len(batch) == 6 for batch in delivered[:-1]) and 0 < len(delivered[-1]) <= 6
+    map_of_token = {tuple(token): key for key in stored for token in stored[key].tolist()}
+    assert max(len({map_of_token[tuple(token)] for token in batch.tolist()}) for batch in delivered) > 2
+    assert all(np.array_equal(a, b) for a, b in zip(shuffled_pass(seed=0), delivered))
+    assert not all(np.array_equal(a, b) for a, b in zip(shuffled_pass(seed=1), delivered))
+
+
+def test_a_shard_replaced_under_its_name_is_read_anew(shard_folder, tmp_path: Path) -> None:
+    """Local shards stay mapped between reads; a shard renamed into place over one read before is read again."""
+    folder, _ = shard_folder
+    copied = copy_folder(folder, tmp_path / "copied")
+    data = ActivationDataModule(str(copied), batch_size=4, val_shards=3)
+    before = list(data.val_dataloader())
+    other = tmp_path / "other"
+    write_synthetic_shards(other, num_prompts=16, num_steps=3, ranks=2, samples_per_shard=7, seed=1)
+    replaced = Path(data.val_urls[0])
+    shutil.copy(other / replaced.name, tmp_path / "incoming.tar")
+    os.replace(tmp_path / "incoming.tar", replaced)
+    after = list(data.val_dataloader())
+    assert keys_of(after) == keys_of(before)
+    stored = stored_maps([str(replaced)])
+    for batch in after:
+        for key, act in zip(batch["key"], batch["act"]):
+            if key in stored:
+                np.testing.assert_array_equal(act.numpy(), stored[key])
+    assert not all(torch.equal(a["act"], b["act"]) for a, b in zip(before, after))
+
+
+def test_corrupt_local_shard_fails_naming_it(shard_folder, tmp_path: Path) -> None:
+    folder, _ = shard_folder
+    damaged = copy_folder(folder, tmp_path / "damaged")
+    shard = damaged / "shard-r1-000001.tar"
+    contents = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as archive:
+        second_header = archive.getmembers()[2].offset
+    contents[second_header + 3] ^= 1  # a name byte: the header's checksum no longer matches
+    shard.write_bytes(bytes(contents))
+    data = ActivationDataModule(str(damaged), val_fraction=0.0)
+    data.train_urls = [str(shard)]
+    with pytest.raises(ValueError, match=rf"Shard {shard} could not be read \(ReadError\); it is truncated or corrupt"):
+        list(data.train_dataloader())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -169,8 +170,16 @@ def files_by_tarfile(data: bytes) -> list[tuple[str, bytes]]:
         return [(m.name, archive.extractfile(m).read()) for m in archive.getmembers() if m.isreg()]
 
 
-def files_by_tar_files(data: bytes, reader=tar_files) -> list[tuple[str, bytes]]:
-    return [(name, contents.tobytes()) for name, contents in reader(io.BytesIO(data))]
+def mapped(data: bytes, folder: Path) -> mmap.mmap:
+    """`data` as a local shard is read: a file mapped into memory."""
+    path = folder / "archive.tar"
+    path.write_bytes(data)
+    with open(path, "rb") as file:
+        return mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+
+
+def files_by_tar_files(data: bytes, folder: Path, reader=tar_files) -> list[tuple[str, bytes]]:
+    return [(name, contents.tobytes()) for name, contents in reader(mapped(data, folder))]
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -178,7 +187,8 @@ def test_tar_files_parses_every_format_as_tarfile_does(tmp_path: Path, tar_forma
     data = write_tar(tmp_path / "files.tar", tar_format).read_bytes()
     expected = files_by_tarfile(data)
     assert len(expected) == 4
-    assert files_by_tar_files(data, local_tar_files) == files_by_tar_files(data) == expected
+    assert files_by_tar_files(data, tmp_path, local_tar_files) == files_by_tar_files(data, tmp_path) == expected
+    assert [(name, contents.tobytes()) for name, contents in tar_files(io.BytesIO(data))] == expected  # a stream
 
 
 def test_tar_files_leaves_unusual_headers_to_tarfile_midway(tmp_path: Path) -> None:
@@ -189,14 +199,19 @@ def test_tar_files_leaves_unusual_headers_to_tarfile_midway(tmp_path: Path) -> N
     first_file_end = 512 + 1024  # the folder's header, then short.bin's header and data block
     data = plain[:first_file_end] + global_header + plain[first_file_end:]
     with pytest.raises(UnusualTar):
-        files_by_tar_files(data, local_tar_files)
-    assert files_by_tar_files(data) == files_by_tarfile(data) == files_by_tarfile(plain)
+        files_by_tar_files(data, tmp_path, local_tar_files)
+    assert files_by_tar_files(data, tmp_path) == files_by_tarfile(data) == files_by_tarfile(plain)
 
 
 def test_tar_files_rejects_a_damaged_header(tmp_path: Path) -> None:
     data = bytearray(write_tar(tmp_path / "files.tar", tarfile.USTAR_FORMAT).read_bytes())
     data[512 + 3] ^= 1  # a name byte of the second header: its checksum no longer matches
     with pytest.raises(tarfile.ReadError, match="bad checksum"):
-        list(tar_files(io.BytesIO(bytes(data))))
+        list(tar_files(mapped(bytes(data), tmp_path)))
     with pytest.raises(tarfile.ReadError, match="truncated header"):
-        list(tar_files(io.BytesIO(bytes(data[:512 + 100]))))
+        list(tar_files(mapped(bytes(data[:512 + 100]), tmp_path)))
+    data[512 + 3] ^= 1
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as archive:
+        cut = archive.getmember("block.bin").offset_data + 10
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(tar_files(mapped(bytes(data[:cut]), tmp_path)))
