@@ -3,8 +3,9 @@ SAE training, one search run per eraser) erases what it is asked to and little e
 
 Margins, as fractions of images classified correctly, erased run against the unerased images of the same prompts
 and seeds: every erased object's accuracy drops, by `MIN_MEAN_DROP` on average over the targets, and the other
-objects' accuracy stays within `MAX_COLLATERAL` of the reference for every target. Measured on the 2-core sandbox:
-mean drop 0.83, largest collateral loss 0.22 (erasing Triangle), in 75 s.
+objects' accuracy stays within `MAX_COLLATERAL` of the reference for every target. Measured on the 2-core sandbox
+(20 DDIM steps, as the configs): mean drop 0.83, largest collateral loss 0.22 (erasing Circle or Triangle); with 300
+supervised steps instead of 600, Ring's latent did not erase Ring at all.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from saemnesia.toy import ASSETS_DIR, TOY_PIPELINE_DIR
 MIN_MEAN_DROP = 0.5
 MAX_COLLATERAL = 0.3
 OBJECTS = ("Circle", "Triangle", "Star", "Ring")
-SETTING = DemoSetting(objects=OBJECTS, styles=("Pop_Art", "Neon"), sae_steps=150, supervised_steps=300,
+SETTING = DemoSetting(objects=OBJECTS, styles=("Pop_Art", "Neon"), sae_steps=150, supervised_steps=600,
                       saemnesia_multipliers=(-15.0,),
                       baseline_grid=({"percentile": TOP_LATENTS_PERCENTILES[1], "multiplier": -15.0},))
 
