@@ -24,6 +24,8 @@ from saemnesia.toy import TOY_CLASSIFIERS_DIR, TOY_OBJECTS, TOY_PIPELINE_DIR, TO
 from saemnesia.toy.classifiers import STYLE_LABELS, ToyClassifier, save_classifier
 from saemnesia.toy.data import STYLE_CHOICES, ToyRenderDataModule, ToyRenderDataset
 from saemnesia.toy.fitting import WarmupEMA, adamw_warmup_cosine
+from saemnesia.toy.patching import main as patching_main
+from saemnesia.toy.patching import patch_hookpoint, plain_images
 from saemnesia.toy.quality import ImageGrid, measure_quality, score_grid
 from saemnesia.toy.renderer import PLAIN, SHAPES, STYLES, Geometry, render, render_seeds
 from saemnesia.toy.text_to_image import ToyDiffusionModule
@@ -214,6 +216,19 @@ def test_shipped_pipeline_draws_what_it_is_asked():
     steps = unlearn["model"]["init_args"]["num_steps"]
     quality = measure_quality(load_pipeline(TOY_PIPELINE_DIR), seeds=range(2), num_inference_steps=steps)
     assert quality.object >= 0.9 and quality.style >= 0.95 and quality.plain >= 0.95, (steps, quality)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the trained ToyCanvas assets are not in saemnesia/toy/assets")
+def test_patching_a_prompt_with_its_own_activations_changes_nothing_and_with_another_moves_the_object():
+    """Patching is step-exact (own activations give the unpatched images), and at the configs' hookpoint the patched-in
+    object shows in most images (measured with 4 seeds at 20 steps: 81 %, the prompt's own object in 6-13 %)."""
+    pipe = load_pipeline(TOY_PIPELINE_DIR)
+    hookpoint = "unet.up_blocks.1.attentions.1"
+    images, objects, donors = patch_hookpoint(pipe, hookpoint, "cond", seeds=[0], num_steps=3, shift=0)
+    assert torch.equal(objects, donors)
+    assert torch.allclose(images, plain_images(pipe, objects.tolist(), [0] * len(objects), 3, 7.5), atol=1e-6)
+    result = patching_main(["--hookpoint", hookpoint, "--halves", "cond", "--seeds", "1"])
+    assert result.patched_in >= 0.5 and result.source <= 0.35, result
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the trained ToyCanvas assets are not in saemnesia/toy/assets")
