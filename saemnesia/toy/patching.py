@@ -4,9 +4,10 @@
     python -m saemnesia.toy.patching --hookpoint unet.up_blocks.1.attentions.2 --halves cond
 
 Each object's plain prompt is generated with the hooked block's output replaced, at every sampling step, by the
-output the block gave for the *next* object's prompt (same seed, same step); the object classifier then says whose
-object the image shows. An eraser that edits only this block cannot remove what still shows the prompt's own
-object when the whole block speaks for another one: `PatchingResult.source` bounds what any such eraser leaves.
+output the block gave for another object's prompt (the next one, or `--shift` places on; same seed, same step);
+the object classifier then says whose object the image shows. What still shows the prompt's own object when the
+whole block speaks for another one (`PatchingResult.source`) is out of reach of any eraser that edits only this
+block; what the block does carry is within reach of a good enough edit.
 """
 
 from __future__ import annotations
@@ -84,18 +85,21 @@ def main(args: list[str] | None = None) -> PatchingResult:
     parser.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (the toy configs': 20)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--shift", type=int, default=1, help="object i gets the activations of object i + shift")
     options = parser.parse_args(args)
     classifier = load_classifier(ClassifierConfig(checkpoint=f"{options.classifiers}/object"))
     if classifier.labels != list(TOY_OBJECTS):
         raise ValueError(f"The object classifier in {options.classifiers} has labels {classifier.labels}; "
                          f"expected {list(TOY_OBJECTS)}.")
     images, objects, donors = patch_hookpoint(load_pipeline(options.pipeline), options.hookpoint, options.halves,
-                                              range(options.seeds), options.steps, options.guidance)
+                                              range(options.seeds), options.steps, options.guidance,
+                                              options.shift)
     with torch.no_grad():
         predicted = classifier(images).argmax(1)
     result = PatchingResult(source=(predicted == objects).float().mean().item(),
                             patched_in=(predicted == donors).float().mean().item())
-    print(json.dumps({"hookpoint": options.hookpoint, "halves": options.halves, **result._asdict()}))
+    print(json.dumps({"hookpoint": options.hookpoint, "halves": options.halves, "shift": options.shift,
+                      **result._asdict()}))
     return result
 
 
