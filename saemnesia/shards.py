@@ -236,7 +236,9 @@ def decoded_samples(files: Iterator[tuple[str, np.ndarray]], url: str) -> Iterat
 def mapped_shard(path: str, identity: tuple[int, int, int]) -> list[dict]:
     """The decoded samples of a local shard, each `act.npy` a read-only view of the file mapped into memory (no
     copy: batches are built straight from the page cache). `identity` (inode, size, mtime) makes a shard replaced
-    under the same name a new entry. The pages are mapped at once (`MAP_POPULATE`), not faulted in one by one."""
+    under the same name a new entry. The pages are mapped at once (`MAP_POPULATE`), not faulted in one by one.
+    A file cut short *in place* while mapped would kill the reader (SIGBUS) instead of raising; the shard writers
+    never do that (they rename complete files into place), so only an outside tool rewriting shards could."""
     with open(path, "rb") as file:
         archive = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
     return list(decoded_samples(tar_files(archive), path))
