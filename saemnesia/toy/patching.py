@@ -51,7 +51,7 @@ def patch_hookpoint(pipe: DiffusionPipeline, hookpoint: str, halves: Halves = "b
     from the prompt of object `(i + shift) % 8`; returns (images `[N, 3, H, W]`, prompt objects `[N]`, patched-in
     objects `[N]`). `shift=0` patches each prompt with its own activations (images equal to unpatched ones)."""
     if halves not in HALVES:
-        raise ValueError(f"--halves must be one of {list(HALVES)}, got {halves!r}.")
+        raise ValueError(f"halves (--halves) must be one of {list(HALVES)}, got {halves!r}.")
     pairs = [(obj, seed) for obj in range(len(TOY_OBJECTS)) for seed in seeds]
     objects = [obj for obj, _ in pairs]
     donors = [(obj + shift) % len(TOY_OBJECTS) for obj in objects]
