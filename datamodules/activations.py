@@ -209,7 +209,8 @@ def empty_batch(*shape: int) -> torch.Tensor:
     `default_collate` does; `share_memory_()` would copy the uninitialised bytes over)."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.float16)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)  # 2 bytes per float16
+    # the allocation torch's own `default_collate` makes in workers; 2 bytes per float16
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
     return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
 
 

@@ -44,6 +44,8 @@ MANIFEST_KEYS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concept
 MERGE_FIELDS = ("hookpoint", "d_in", "tokens_per_sample", "num_steps", "concepts", "dtype")
 URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 """Start of a URL or `pipe:` command (two letters at least, so that a Windows drive letter stays a path)."""
+
+
 def is_url(location: str | os.PathLike) -> bool:
     """Whether `location` is a URL or `pipe:` command for webdataset to open, rather than a local path."""
     return bool(URL_SCHEME.match(str(location)))
@@ -218,6 +220,8 @@ def npy_array(contents: np.ndarray) -> np.ndarray:
 MAPPED_SHARDS = 32
 """Local shards each process keeps mapped and indexed: training draws shards again and again, and mapping a file's
 pages and parsing its headers cost about as much as copying its bytes once."""
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+"""Linux's flag to map a file's pages at once; elsewhere they are faulted in on first touch."""
 
 
 def decoded_samples(files: Iterator[tuple[str, np.ndarray]], url: str) -> Iterator[dict]:
@@ -240,7 +244,7 @@ def mapped_shard(path: str, identity: tuple[int, int, int]) -> list[dict]:
     A file cut short *in place* while mapped would kill the reader (SIGBUS) instead of raising; the shard writers
     never do that (they rename complete files into place), so only an outside tool rewriting shards could."""
     with open(path, "rb") as file:
-        archive = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        archive = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
     return list(decoded_samples(tar_files(archive), path))
 
 

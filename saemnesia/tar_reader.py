@@ -29,7 +29,6 @@ TAR_SIGNED_BYTES = struct.Struct("148b8x356b")
 """A header's bytes but its checksum field, as signed integers (the checksum of some old tar writers)."""
 
 
-
 class TarHeader(NamedTuple):
     """What the reader needs of one 512-byte tar header."""
 
