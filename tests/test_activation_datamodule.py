@@ -273,7 +273,7 @@ def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, cut: str,
 def test_token_pool_emits_every_token_once_in_mixed_batches():
     import numpy as np
 
-    from datamodules.activations import token_batches
+    from datamodules.batches import token_batches
 
     maps = [np.full((4, 2), value, dtype=np.float16) + np.arange(4, dtype=np.float16)[:, None] * 0.25
             for value in range(10)]  # 10 samples × 4 distinct tokens
@@ -305,7 +305,7 @@ def stored_maps(shards: list[str]) -> dict[str, np.ndarray]:
 def test_local_shards_deliver_the_stored_maps_and_each_token_once_per_pass(shard_folder) -> None:
     """Map batches equal the members' `np.load`; a shuffled pass over local shards delivers every stored token once,
     drawing each batch from several maps, as a function of the generator's seed."""
-    from datamodules.activations import token_batches
+    from datamodules.batches import token_batches
     from saemnesia.shards import shard_samples
 
     folder, _ = shard_folder
@@ -366,3 +366,23 @@ def test_corrupt_local_shard_fails_naming_it(shard_folder, tmp_path: Path) -> No
     data.train_urls = [str(shard)]
     with pytest.raises(ValueError, match=rf"Shard {shard} could not be read \(ReadError\); it is truncated or corrupt"):
         list(data.train_dataloader())
+
+
+def test_batch_memory_is_reused_only_after_the_consumer_lets_go():
+    """A dropped batch's memory is filled again; a batch still used, even only through a view or a numpy array of
+    it, keeps its values while later batches are made."""
+    from datamodules.batches import token_batches
+
+    maps = [np.arange(value * 8, value * 8 + 8, dtype=np.float16).reshape(4, 2) for value in range(30)]  # distinct
+    batches = token_batches(({"act": act} for act in maps), batch_size=4, width=2, buffer=8,
+                            rng=np.random.default_rng(0), partial_batches=False)
+    addresses = [next(batches)["act"].data_ptr() for _ in range(10)]  # each dropped before the next is made
+    assert len(set(addresses)) <= 2  # the one being filled and at most the one dropped last, recycled
+
+    first = next(batches)["act"]
+    kept_view, kept_array = first[1:], first.numpy()[:2]
+    expected_view, expected_array, kept_address = kept_view.clone(), kept_array.copy(), first.data_ptr()
+    del first
+    later = [next(batches)["act"].data_ptr() for _ in range(10)]
+    assert torch.equal(kept_view, expected_view) and np.array_equal(kept_array, expected_array)
+    assert kept_address not in later and len(set(later)) <= 2
