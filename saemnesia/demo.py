@@ -8,14 +8,15 @@ this process. A step whose output already exists is skipped, so an interrupted d
 Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation: the
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
 (a SAeUron-style baseline: latents chosen by importance score, a documented subset of the percentile × multiplier
-grid, `SAEURON_DEMO_GRID`).
+grid, `SAEURON_DEMO_GRID`). A last row reruns the supervised SAE's unlearning with the published error mode
+(`error_mode: reference`, SPEC §4), with the statistics and multipliers its exact-mode search chose.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cli import main as cli_main
@@ -106,9 +107,15 @@ class Eraser:
     """Candidate `{percentile, multiplier}` of the search, one generation run each."""
     reference: bool
     """Also generate the unerased images (target `none`); once is enough, with one eraser."""
+    error_mode: str = "exact"
+    """`model.erasure.error_mode` of the unlearning run (the search always runs `exact`, as the configs)."""
 
     def folder(self, kind: str) -> Path:
         return RUNS / f"{kind}{self.suffix}"
+
+    def run_folder(self, kind: str) -> Path:
+        """A folder of the unlearning run or its evaluation, which the error mode tells apart."""
+        return self.folder(kind if self.error_mode == "exact" else f"{kind}_{self.error_mode}")
 
     @property
     def stats(self) -> Path:
@@ -120,11 +127,11 @@ class Eraser:
 
     @property
     def images(self) -> Path:
-        return self.folder("unlearn") / "images"
+        return self.run_folder("unlearn") / "images"
 
     @property
     def results(self) -> Path:
-        return self.folder("evaluate") / RESULTS_JSON
+        return self.run_folder("evaluate") / RESULTS_JSON
 
 
 def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
@@ -133,6 +140,12 @@ def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
     return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", "_unsupervised",
                    setting.baseline_grid, False),
             Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True))
+
+
+def reference_mode(eraser: Eraser) -> Eraser:
+    """`eraser`'s statistics and searched parameters, unlearning with the published `error_mode: reference`."""
+    return replace(eraser, label="same SAE and multipliers, `error_mode: reference`", name=f"{eraser.name}, reference",
+                   grid=(), reference=False, error_mode="reference")
 
 
 def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
@@ -165,15 +178,27 @@ def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
                                  "--trainer.callbacks+=callbacks.ClassParamsSelector",
                                  f"--trainer.callbacks.sweep_dir={eraser.folder('sweep')}",
                                  f"--trainer.callbacks.outputs=[{eraser.class_params}]"))
+    return [stats, *search, *unlearning_steps(eraser, setting)]
+
+
+def unlearning_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
+    """Unlearning generation with the searched `class_params`, every target in turn, and its evaluation."""
     unlearn_targets = (*setting.erased, NO_ERASURE) if eraser.reference else setting.erased
     unlearn = cli_step(f"{eraser.name}: unlearning generation", "predict", "configs/toy/unlearn.yaml",
-                       eraser.images / "manifest.jsonl", *erasure_overrides(eraser, class_params=eraser.class_params),
+                       eraser.images / "manifest.jsonl",
+                       *erasure_overrides(eraser, class_params=eraser.class_params, error_mode=eraser.error_mode),
                        *setting.data(), f"--data.init_args.targets=[{', '.join(unlearn_targets)}]",
                        f"--trainer.callbacks.output_dir={eraser.images}",
                        f"--trainer.default_root_dir={eraser.images.parent}")
     evaluate = evaluation(f"{eraser.name}: evaluation", eraser.images, eraser.results.parent,
-                          f"--trainer.logger.init_args.name=evaluate{eraser.suffix}")
-    return [stats, *search, unlearn, evaluate]
+                          f"--trainer.logger.init_args.name={eraser.results.parent.name}")
+    return [unlearn, evaluate]
+
+
+def compared_erasers(setting: DemoSetting) -> tuple[Eraser, ...]:
+    """The table's erasers, in order: the two SAEs, then the supervised one in the reference error mode."""
+    baseline, supervised = erasers(setting)
+    return baseline, supervised, reference_mode(supervised)
 
 
 def workflow(setting: DemoSetting) -> list[Step]:
@@ -186,6 +211,7 @@ def workflow(setting: DemoSetting) -> list[Step]:
         cli_step("supervised SAE", "fit", "configs/toy/sae_supervised.yaml",
                  RUNS / "sae_supervised/checkpoints/last.ckpt", *setting.max_steps(setting.supervised_steps)),
         *(step for eraser in erasers(setting) for step in eraser_steps(eraser, setting)),
+        *unlearning_steps(compared_erasers(setting)[-1], setting),
     ]
 
 
@@ -205,9 +231,9 @@ def main(setting: DemoSetting = DemoSetting()) -> str:
     """Run (or resume) the workflow, then write `runs/demo/report.md` and `samples.png`; returns the table."""
     started = time.perf_counter()
     run(workflow(setting))
-    compared = erasers(setting)
+    compared = compared_erasers(setting)
     results = {eraser.label: json.loads(eraser.results.read_text()) for eraser in compared}
-    table = report_table(results, {eraser.label: len(eraser.grid) for eraser in compared})
+    table = report_table(results, {eraser.label: len(eraser.grid) or None for eraser in compared})
     reference = next(eraser.images for eraser in compared if eraser.reference)
     write_sample_grid(REPORT_DIR / "samples.png", reference, {eraser.label: eraser.images for eraser in compared})
     columns = " | ".join(["no erasure", *(eraser.label for eraser in compared)])

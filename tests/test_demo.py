@@ -67,8 +67,9 @@ def test_report_table_and_sample_grid(demo_run):
     workdir, table = demo_run
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| eraser")]
     assert [row.split(" | ")[0] for row in rows] == ["| no erasure", "| unsupervised SAE (SAeUron-style)",
-                                                     "| supervised SAE (SAEmnesia)"]
-    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |"]  # generation runs of each search
+                                                     "| supervised SAE (SAEmnesia)",
+                                                     "| same SAE and multipliers, `error_mode: reference`"]
+    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |", "– |"]  # generation runs of each search
     assert table in (workdir / REPORT_DIR / "report.md").read_text()
     with Image.open(workdir / REPORT_DIR / "samples.png") as grid:
-        assert grid.size == (3 * 32 * 4, len(OBJECTS) * 32 * 4)  # 3 columns, one row per object, enlarged 4×
+        assert grid.size == (4 * 32 * 4, len(OBJECTS) * 32 * 4)  # 4 columns, one row per object, enlarged 4×
