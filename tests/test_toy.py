@@ -26,7 +26,7 @@ from saemnesia.toy.data import STYLE_CHOICES, ToyRenderDataModule, ToyRenderData
 from saemnesia.toy.fitting import WarmupEMA, adamw_warmup_cosine
 from saemnesia.toy.patching import main as patching_main
 from saemnesia.toy.patching import patch_hookpoint, plain_images
-from saemnesia.toy.quality import ImageGrid, measure_quality, score_grid
+from saemnesia.toy.quality import WORKFLOW_STEPS, ImageGrid, measure_quality, score_grid
 from saemnesia.toy.renderer import PLAIN, SHAPES, STYLES, Geometry, render, render_seeds
 from saemnesia.toy.text_to_image import ToyDiffusionModule
 
@@ -214,7 +214,8 @@ def test_shipped_pipeline_draws_what_it_is_asked():
     94.5 %, style 100 %, plain 100 %; with 4 seeds 95.7 / 99.6 / 100 %, at 10 steps 92.2 / 99.6 / 100 %)."""
     unlearn = yaml.safe_load((REPO / "configs/toy/unlearn.yaml").read_text())
     steps = unlearn["model"]["init_args"]["num_steps"]
-    quality = measure_quality(load_pipeline(TOY_PIPELINE_DIR), seeds=range(2), num_inference_steps=steps)
+    assert steps == WORKFLOW_STEPS, "the quality check's default (`make toy-assets`) must follow the workflow configs"
+    quality = measure_quality(load_pipeline(TOY_PIPELINE_DIR), seeds=range(2))
     assert quality.object >= 0.9 and quality.style >= 0.95 and quality.plain >= 0.95, (steps, quality)
 
 

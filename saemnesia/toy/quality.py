@@ -26,6 +26,10 @@ from saemnesia.toy.classifiers import STYLE_LABELS, style_targets
 from saemnesia.toy.data import STYLE_CHOICES
 from saemnesia.toy.vocabulary import TOY_OBJECTS, TOY_STYLES, toy_prompt
 
+WORKFLOW_STEPS = 20
+"""DDIM steps of the toy workflow configs (`configs/toy/unlearn.yaml`), the fewest of 10 / 15 / 20 at which the
+shipped model meets the 95 % bar: the quality check measures the model as the benchmark uses it."""
+
 
 class ToyQuality(NamedTuple):
     """Classifier accuracies on generated images, fractions in [0, 1]."""
@@ -49,8 +53,9 @@ class ImageGrid(NamedTuple):
     """`[N]` style indices, `NO_STYLE` for plain prompts."""
 
 
-def generate_grid(pipe: DiffusionPipeline, seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int = 25,
-                  guidance_scale: float = 7.5, batch_size: int = 96) -> ImageGrid:
+def generate_grid(pipe: DiffusionPipeline, seeds: Sequence[int] = (0, 1, 2, 3),
+                  num_inference_steps: int = WORKFLOW_STEPS, guidance_scale: float = 7.5,
+                  batch_size: int = 96) -> ImageGrid:
     """Every (object, style-or-plain, seed) image, styles in `STYLE_CHOICES` order."""
     cases = [(obj, style, seed) for style in STYLE_CHOICES for obj in range(len(TOY_OBJECTS)) for seed in seeds]
     images = []
@@ -83,7 +88,7 @@ def score_grid(grid: ImageGrid, object_classifier: nn.Module, style_classifier: 
 
 
 def measure_quality(pipe: DiffusionPipeline, classifiers: str | Path = TOY_CLASSIFIERS_DIR,
-                    seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int = 25,
+                    seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int = WORKFLOW_STEPS,
                     guidance_scale: float = 7.5) -> ToyQuality:
     """Generate the grid with `pipe` and score it with the classifiers in `classifiers/{object,style}`."""
     object_classifier, style_classifier = (load_classifier(ClassifierConfig(checkpoint=str(Path(classifiers) / name)))
@@ -102,7 +107,7 @@ def main(args: list[str] | None = None) -> ToyQuality:
     source.add_argument("--checkpoint", help="Lightning checkpoint of ToyDiffusionModule (EMA weights)")
     parser.add_argument("--classifiers", default=str(TOY_CLASSIFIERS_DIR), help="folder with object/ and style/")
     parser.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=WORKFLOW_STEPS, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     options = parser.parse_args(args)
     if options.checkpoint:
