@@ -13,6 +13,23 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
+def raised_by_parser(error: BaseException) -> bool:
+    """Whether `error` was raised inside jsonargparse (rather than by the code it called)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def class_error(error: BaseException) -> BaseException:
+    """The error a configured class raised, without the layers jsonargparse wraps around it: a subclass-mode
+    `model` or `data` is a Union with None, so the parser reports "Does not validate against any of the Union
+    subtypes", lists our sentence among the subtypes' errors and dumps the whole config."""
+    while error.__cause__ is not None and raised_by_parser(error):
+        error = error.__cause__
+    return error
+
+
 class SaemnesiaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Read from the shard manifest once the data module exists, so no config repeats them. (Link targets
@@ -21,6 +38,15 @@ class SaemnesiaCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         # Streams are seeded per epoch when the loader is built, so it must be rebuilt every epoch.
         parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1})
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = class_error(error)
+            if cause is error:
+                raise
+            raise cause from None  # its own traceback ends at the check that failed, with its one sentence
 
 
 def main(args: list[str] | None = None) -> SaemnesiaCLI:

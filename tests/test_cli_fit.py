@@ -56,6 +56,16 @@ def test_print_config_shows_the_linked_recipe(toy_run, capsys):
     assert "reload_dataloaders_every_n_epochs: 1" in printed
 
 
+def test_a_class_error_surfaces_as_its_own_sentence(toy_run):
+    """A check in a configured class's `__init__` reaches the user as its one sentence, not wrapped in the parser's
+    list of Union subtypes (with the whole config dumped after it)."""
+    with pytest.raises(ValueError) as raised:
+        run_cli("-c", str(REPO / "configs/toy/sae.yaml"), "--data.init_args.batch_size=0")
+    assert str(raised.value) == "data.batch_size must be a positive integer, got 0."
+    with pytest.raises(FileNotFoundError, match="missing/sae"):  # and keeps its type
+        run_cli("-c", str(REPO / "configs/toy/sae_supervised.yaml"), "--model.init_args.init_from=missing/sae")
+
+
 def start_cli(workdir: Path, data: Path, *args: str, config: str = "configs/toy/sae.yaml",
               env: dict[str, str] | None = None, log: str = "cli.log") -> subprocess.Popen:
     """Start `cli.py fit` of a toy SAE config in its own process, in `workdir` (whose runs/ it owns), on `data`,
