@@ -68,6 +68,8 @@ class ErasureBuilder:
                              "to every target.")
         if config.error_mode not in ERROR_MODES:
             raise ValueError(f"model.erasure.error_mode must be one of {list(ERROR_MODES)}, got {config.error_mode!r}.")
+        if config.percentile is not None and not 0 <= config.percentile <= 100:
+            raise ValueError(f"model.erasure.percentile must lie in [0, 100]; got {config.percentile}.")
         self.config = config
         self.sae = SparseAutoencoder.load(config.sae, hookpoint)
         self.stats = load_stats(config.stats)
@@ -76,14 +78,20 @@ class ErasureBuilder:
         if stats_hookpoint not in (None, hookpoint):
             raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "
                              f"model.hookpoint is {hookpoint}; recompute them at this hookpoint.")
+        if not 0 <= config.start_step < self.stats.num_steps:
+            raise ValueError(f"model.erasure.start_step must lie in [0, {self.stats.num_steps}) for the concept "
+                             f"statistics {config.stats} of {self.stats.num_steps} steps; got {config.start_step}.")
         # Overrides of both fields leave nothing to read from the file.
         needed = config.class_params is not None and None in (config.percentile, config.multiplier)
         self.class_params = load_class_params(config.class_params) if needed else {}
         self._erasers: dict[tuple[str, ...], ConceptEraser] = {}
 
     def check_steps(self, num_steps: int) -> None:
-        """Refuse sampling with another number of steps than the statistics'."""
-        self.stats.check_compatible(self.sae.num_latents, num_steps)
+        """Refuse sampling with another number of steps than the statistics' (SPEC §4)."""
+        if num_steps != self.stats.num_steps:
+            raise ValueError(f"The concept statistics {self.config.stats} were computed with {self.stats.num_steps} "
+                             f"sampling steps but model.num_steps is {num_steps}; recompute them with "
+                             f"{num_steps} steps or sample with {self.stats.num_steps}.")
 
     def to(self, device: torch.device | str) -> ErasureBuilder:
         """Move the SAE (erasers move their tables to it on first use)."""
@@ -106,8 +114,10 @@ class ErasureBuilder:
     def eraser_for(self, concepts: tuple[str, ...]) -> ConceptEraser:
         """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last)."""
         if concepts not in self._erasers:
-            for concept in concepts:
-                self.stats.index(concept)  # an unknown concept lists the known ones before any parameter lookup
+            unknown = [concept for concept in concepts if concept not in self.stats.concepts]
+            if unknown:  # before any parameter lookup, whose error would blame the class_params file
+                raise ValueError(f"Unknown concepts {unknown}: the concept statistics {self.config.stats} cover "
+                                 f"{list(self.stats.concepts)}.")
             self._erasers[concepts] = ConceptEraser(self.sae, self.stats, self.params_for(concepts),
                                                     error_mode=self.config.error_mode,
                                                     start_step=self.config.start_step, use_beta=self.config.use_beta)

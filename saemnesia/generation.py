@@ -168,7 +168,8 @@ class HookedDiffusion(pl.LightningModule):
         if eraser is not None:
             if hidden.shape[1] != eraser.sae.d_in:
                 raise ValueError(f"Hookpoint {context.hookpoint} outputs {hidden.shape[1]} channels but the erasure "
-                                 f"SAE has d_in={eraser.sae.d_in}; use the SAE trained at this hookpoint.")
+                                 f"SAE model.erasure.sae={self.erasure.sae} has d_in={eraser.sae.d_in}; use the SAE "
+                                 "trained at this hookpoint.")
             hidden = eraser.apply(hidden, context.step)
         if capture is not None:
             capture(hidden, context)

@@ -33,6 +33,7 @@ HOOKPOINT = "unet.up_blocks.1.attentions.1"
 SMALL_DATA = ["--data.init_args.objects=[Circle, Square]", "--data.init_args.styles=[Pop_Art]",
               "--data.init_args.seeds=[0]", "--model.init_args.num_steps=3", "--data.init_args.batch_size=8",
               *TINY_PIPELINE]
+STATS = "runs/toy/stats/concept_stats.safetensors"  # where the toy configs read the statistics
 UNLEARN = ["predict", "-c", str(REPO / "configs/toy/unlearn.yaml"), *SMALL_DATA, *QUIET,
            "--data.init_args.targets=[Circle, Square, none]"]
 IMAGES = Path("runs/toy/unlearn/images")
@@ -225,12 +226,19 @@ def test_configs_parse(config, capsys):
 
 
 def test_bad_input_fails_with_one_sentence(toy_cwd):
-    with pytest.raises(ValueError, match=r"Unknown concept 'Pop_Art'; the statistics cover \['Circle', 'Square'\]"):
+    with pytest.raises(ValueError, match=rf"Unknown concepts \['Pop_Art'\]: the concept statistics {STATS} cover "
+                                         r"\['Circle', 'Square'\]"):
         main([*UNLEARN, "--data.init_args.targets=[Pop_Art]"])
     with pytest.raises(ValueError, match=r"data.targets \['Dog'\] are not concepts of the vocabulary"):
         main([*UNLEARN, "--data.init_args.targets=[Dog]"])
-    with pytest.raises(ValueError, match="computed with 3 sampling steps but sampling uses 4; recompute them"):
+    with pytest.raises(ValueError, match=f"statistics {STATS} were computed with 3 sampling steps but "
+                                         "model.num_steps is 4; recompute them"):
         main([*UNLEARN, "--model.init_args.num_steps=4"])
+    with pytest.raises(ValueError, match=rf"model.erasure.start_step must lie in \[0, 3\) for the concept statistics "
+                                         rf"{STATS} of 3 steps; got 3."):
+        main([*UNLEARN, "--model.init_args.erasure.start_step=3"])
+    with pytest.raises(ValueError, match=r"model.erasure.percentile must lie in \[0, 100\]; got 150.0."):
+        main([*UNLEARN, "--model.init_args.erasure.percentile=150"])
     save_class_params("circle_only.json", {"Circle": {"percentile": 99.0, "multiplier": -10.0}})
     with pytest.raises(ValueError, match="The class_params file circle_only.json has no entry for the target concept "
                                          "'Square'; add it or set model.erasure.percentile and multiplier."):
@@ -244,7 +252,8 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
     with pytest.raises(ValueError, match="The concept statistics have 256 latents but the SAE has 128"):
         main([*UNLEARN, "--model.init_args.erasure.sae=sae128"])
     SparseAutoencoder(32, SaeConfig(num_latents=256, k=8)).save("sae32")
-    with pytest.raises(ValueError, match=f"Hookpoint {HOOKPOINT} outputs 64 channels but the erasure SAE has d_in=32"):
+    with pytest.raises(ValueError, match=f"Hookpoint {HOOKPOINT} outputs 64 channels but the erasure SAE "
+                                         "model.erasure.sae=sae32 has d_in=32"):
         main([*UNLEARN, "--model.init_args.erasure.sae=sae32"])
     with pytest.raises(ValueError, match="model.erasure needs a class_params file, or both percentile and multiplier"):
         main(["predict", "-c", str(REPO / "configs/toy/sweep.yaml"), *SMALL_DATA, *QUIET])  # multiplier unset
