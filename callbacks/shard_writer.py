@@ -53,6 +53,9 @@ class ActivationShardWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         self.folder = Path(output_dir)
+        if min(max_samples, max_bytes) < 1:  # refused before any image is generated
+            raise ValueError(f"ActivationShardWriter max_samples and max_bytes (trainer.callbacks) must be >= 1, got "
+                             f"{max_samples} and {max_bytes}.")
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.sink: ShardSink | None = None
         self.rank_manifest: ShardManifest | None = None

@@ -75,6 +75,10 @@ class SparseAutoencoder(nn.Module):
             raise ValueError("SaeConfig.batch_topk and sample_topk are exclusive; set at most one of them.")
         self.d_in = d_in
         self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        if d_in < 1 or self.num_latents < 1 or not 1 <= cfg.k <= self.num_latents:
+            raise ValueError(f"SaeConfig (model.sae in a fit config) needs num_latents (or expansion_factor × d_in) "
+                             f">= 1 and k in [1, num_latents]; got d_in={d_in}, num_latents={self.num_latents}, "
+                             f"k={cfg.k}.")
         self.cfg = replace(cfg, num_latents=self.num_latents)  # explicit in every checkpoint we write
 
         self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)

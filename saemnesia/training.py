@@ -99,6 +99,8 @@ class SAEModule(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}.")
         if init_from is not None:
             self.sae = SparseAutoencoder.load(init_from, activations_hookpoint)  # the folder or its parent
             if self.sae.d_in != d_in:

@@ -139,6 +139,9 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(toy_cwd):
 
     with pytest.raises(ValueError, match=r"describes activations with other \['num_steps'\] than this run's"):
         predict(*SMALL, "--model.init_args.num_steps=4")
+    with pytest.raises(ValueError, match=r"^ActivationShardWriter max_samples and max_bytes \(trainer.callbacks\) must "
+                                         r"be >= 1, got 0 and"):
+        predict(*SMALL, "--trainer.callbacks.max_samples=0")
 
 
 def test_published_cache_config_prompts_80_anchors_per_class_times_51_styles_and_plain(tmp_path, capsys):

@@ -62,6 +62,8 @@ def test_a_class_error_surfaces_as_its_own_sentence(toy_run):
     with pytest.raises(ValueError) as raised:
         run_cli("-c", str(REPO / "configs/toy/sae.yaml"), "--data.init_args.batch_size=0")
     assert str(raised.value) == "data.batch_size must be a positive integer, got 0."
+    with pytest.raises(ValueError, match=r"^model.lr must be positive, got -1.0.$"):
+        run_cli("-c", str(REPO / "configs/toy/sae.yaml"), "--model.init_args.lr=-1")
     with pytest.raises(FileNotFoundError, match="missing/sae"):  # and keeps its type
         run_cli("-c", str(REPO / "configs/toy/sae_supervised.yaml"), "--model.init_args.init_from=missing/sae")
 

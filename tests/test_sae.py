@@ -140,6 +140,10 @@ def test_init_rejects_unsupported_options():
         SparseAutoencoder(4, SaeConfig(input_unit_norm=True))
     with pytest.raises(ValueError, match="exclusive"):
         SparseAutoencoder(4, SaeConfig(batch_topk=True, sample_topk=True))
+    for cfg in (SaeConfig(num_latents=8, k=9), SaeConfig(k=0), SaeConfig(expansion_factor=0)):
+        with pytest.raises(ValueError, match=r"needs num_latents .* and k in \[1, num_latents\]; got d_in=4"):
+            SparseAutoencoder(4, cfg)
+    assert SparseAutoencoder(4, SaeConfig(num_latents=8, k=8)).num_latents == 8  # k = L is allowed
 
 
 def loss_and_gradients(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None,
