@@ -173,13 +173,19 @@ class ActivationDataModule(pl.LightningDataModule):
             urls = wds.shardlists.expand_source(shards)
         if not urls:
             raise ValueError(f"Shard manifest for {shards!r} lists no shards; activation caching wrote nothing.")
-        listed = {record.name for record in manifest.shards}
+        listed = {record.name: record for record in manifest.shards}
         for url in urls:
-            if shard_name(url) not in listed:
+            record = listed.get(shard_name(url))
+            if record is None:
                 raise ValueError(f"Shard {url} is not listed in the manifest of {shards!r}.")
-            if not is_url(url) and not Path(url).is_file():
-                raise FileNotFoundError(f"The manifest of {shards!r} lists shard {shard_name(url)}, "
-                                        f"but {url} is missing.")
+            if is_url(url):
+                continue  # checked as it is read
+            if not Path(url).is_file():
+                raise FileNotFoundError(f"The manifest of {shards!r} lists shard {record.name}, but {url} is missing.")
+            size = Path(url).stat().st_size
+            if record.num_bytes is not None and size != record.num_bytes:
+                raise ValueError(f"Shard {url} has {size} bytes but the manifest lists {record.num_bytes}; it is "
+                                 "truncated or was replaced.")
         return manifest, sorted(urls, key=shard_name)
 
     @staticmethod

@@ -74,6 +74,9 @@ class ShardRecord:
     """File name inside the shard folder, e.g. `shard-r0-000000.tar`."""
     num_samples: int
     """Number of (image, step) samples in the file."""
+    num_bytes: int | None = None
+    """File size; `None` in manifests written before it was recorded. A local shard of another size is refused
+    before training starts, rather than when the stream first draws it (hours in, at SD1.5 scale)."""
 
 
 @dataclass
@@ -102,7 +105,8 @@ class ShardManifest:
     def to_dict(self) -> dict:
         return {"hookpoint": self.hookpoint, "d_in": self.d_in, "tokens_per_sample": self.tokens_per_sample,
                 "num_steps": self.num_steps, "concepts": self.concepts.to_dict(), "dtype": self.dtype,
-                "shards": [{"name": r.name, "num_samples": r.num_samples} for r in self.shards]}
+                "shards": [{"name": r.name, "num_samples": r.num_samples, "num_bytes": r.num_bytes}
+                           for r in self.shards]}
 
     def save(self, folder: str | os.PathLike, filename: str = MANIFEST_FILE) -> Path:
         """Write the manifest atomically into `folder`; returns its path."""
@@ -146,7 +150,8 @@ class ShardManifest:
         return cls(hookpoint=data["hookpoint"], d_in=int(data["d_in"]),
                    tokens_per_sample=int(data["tokens_per_sample"]), num_steps=int(data["num_steps"]),
                    concepts=ConceptVocabulary.from_dict(data["concepts"]),
-                   shards=[ShardRecord(r["name"], int(r["num_samples"])) for r in data["shards"]], dtype=data["dtype"])
+                   shards=[ShardRecord(r["name"], int(r["num_samples"]), r.get("num_bytes")) for r in data["shards"]],
+                   dtype=data["dtype"])
 
     @classmethod
     def merge(cls, manifests: list[ShardManifest]) -> ShardManifest:
@@ -274,7 +279,7 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
 def scan_shards(folder: str | os.PathLike, prefix: str = "") -> list[ShardRecord]:
     """Records of the complete shards in `folder` whose names start with `prefix` (temporary files are ignored)."""
     paths = sorted(Path(folder).glob(f"{prefix}*.tar"))
-    return [ShardRecord(path.name, len(shard_keys(path))) for path in paths]
+    return [ShardRecord(path.name, len(shard_keys(path)), path.stat().st_size) for path in paths]
 
 
 def stored_prompt_ids(folder: str | os.PathLike, prefix: str = "") -> set[str]:
@@ -330,7 +335,7 @@ class ShardSink:
         self.stream.close()
         final = self._final_path()
         os.replace(final.with_suffix(".tar.tmp"), final)
-        self.records.append(ShardRecord(final.name, self.samples_in_shard))
+        self.records.append(ShardRecord(final.name, self.samples_in_shard, final.stat().st_size))
         self.next_index += 1
         self.writer = self.stream = None
 

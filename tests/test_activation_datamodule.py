@@ -262,7 +262,15 @@ def test_truncated_shard_fails_naming_it(shard_folder, tmp_path: Path, cut: str,
         members = archive.getmembers()  # two files per sample: act.npy, json
     keep_bytes = {"inside_a_header": members[1].offset + 100, "inside_data": members[2].offset_data + 10,
                   "after_the_second_sample": members[4].offset}[cut]
+    size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:keep_bytes])
+    with pytest.raises(ValueError, match=f"Shard {shard} has {keep_bytes} bytes but the manifest lists {size}; it is "
+                                         "truncated or was replaced."):
+        ActivationDataModule(str(damaged), val_fraction=0.0)  # the manifest's file sizes: refused before training
+
+    manifest = ShardManifest.load(damaged)  # without file sizes (older manifests), it is found when read
+    manifest.shards = [replace(record, num_bytes=None) for record in manifest.shards]
+    manifest.save(damaged)
     for url in (str(shard), f"pipe:cat {shard}"):  # read with random access, and as a stream
         data = ActivationDataModule(str(damaged), val_fraction=0.0)
         data.train_urls = [url]  # read only the damaged shard

@@ -55,8 +55,9 @@ def test_sink_round_trip_keeps_prompts_whole_and_names_shards_by_prefix(tmp_path
                 sink.write(sample_key(prompt_id, step), torch.from_numpy(act), meta_for(prompt_id, step))
     records = sink.close()
     # 12 samples of 3-step prompts, cap 5: a shard closes at the first new prompt after 5 samples → 6 + 6.
-    assert records == [ShardRecord("shard-r3-000000.tar", 6), ShardRecord("shard-r3-000001.tar", 6)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-r3-000000.tar", "shard-r3-000001.tar"]
+    names = ["shard-r3-000000.tar", "shard-r3-000001.tar"]
+    assert records == [ShardRecord(name, 6, (tmp_path / name).stat().st_size) for name in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     read = {key: value for record in records for key, value in read_tar(tmp_path / record.name).items()}
     assert read.keys() == written.keys()
     for key, (act, meta) in written.items():
@@ -80,7 +81,8 @@ def test_sink_that_dies_mid_shard_leaves_only_a_temporary_file_and_resumes(tmp_p
 
     with ShardSink(tmp_path, "shard-r0", N, D, max_samples=2) as resumed:
         resumed.write(sample_key(2, 0), act, meta_for(2, 0))
-    assert resumed.close() == [ShardRecord("shard-r0-000000.tar", 2), ShardRecord("shard-r0-000001.tar", 1)]
+    assert resumed.close() == [ShardRecord(name, count, (tmp_path / name).stat().st_size)
+                               for name, count in (("shard-r0-000000.tar", 2), ("shard-r0-000001.tar", 1))]
     assert scan_shards(tmp_path) == resumed.close()
     assert stored_prompt_ids(tmp_path) == {"0", "1", "2"}
     assert not list(tmp_path.glob("*.tmp"))
