@@ -109,6 +109,7 @@ class ConceptStatsCallback(pl.Callback):
         if trainer.is_global_zero:
             stats = self.accumulator.finalize(metadata={
                 "hookpoint": pl_module.hparams.hookpoint, "sae": str(self.sae_path),
+                "sae_digest": self.sae.checkpoint_digest,
                 "pipeline": pl_module.hparams.pipeline, "num_steps": pl_module.hparams.num_steps,
                 "guidance_scale": pl_module.hparams.guidance_scale, "half": "cond",
                 "object_prompts": self.object_prompts,

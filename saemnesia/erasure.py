@@ -73,7 +73,12 @@ class ErasureBuilder:
         self.config = config
         self.sae = SparseAutoencoder.load(config.sae, hookpoint)
         self.stats = load_stats(config.stats)
-        self.stats.check_compatible(self.sae.num_latents)  # statistics of another SAE fail here
+        self.stats.check_compatible(self.sae.num_latents)  # statistics of an SAE of another size fail here
+        stats_digest = self.stats.metadata.get("sae_digest")
+        if stats_digest is not None and stats_digest != self.sae.checkpoint_digest:
+            raise ValueError(f"The concept statistics {config.stats} were computed with another SAE than "
+                             f"model.erasure.sae={config.sae} (SAE digest {stats_digest}, this one's "
+                             f"{self.sae.checkpoint_digest}); recompute them with this SAE.")
         stats_hookpoint = self.stats.metadata.get("hookpoint")
         if stats_hookpoint not in (None, hookpoint):
             raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "

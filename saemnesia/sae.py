@@ -6,6 +6,7 @@ except for `sample_topk`, which needs the sample dimension (`x` is `[B, N, d_in]
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -87,6 +88,7 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.set_decoder_norm_to_unit_norm()
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.checkpoint_digest: str | None = None  # `state_digest` of the checkpoint this SAE was loaded from
 
     # -- encoding -------------------------------------------------------------------------------------------
     def pre_relu_acts(self, x: Tensor) -> Tensor:
@@ -214,7 +216,18 @@ class SparseAutoencoder(nn.Module):
         cfg = SaeConfig(**{key: value for key, value in config.items() if key in known})
         sae = cls(config["d_in"], cfg, device="meta")
         sae.load_state_dict(state, assign=True)
+        sae.checkpoint_digest = state_digest(state)
         return sae.to(device=device, dtype=dtype)
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """A short hash of a checkpoint's tensors as stored: statistics record the digest of the SAE they were computed
+    with, so erasing with another SAE of the same size is refused instead of silently selecting wrong latents."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:

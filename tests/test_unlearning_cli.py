@@ -26,6 +26,7 @@ from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, Conc
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.generation import CaptureConfig, HookedDiffusion
 from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.stats import ConceptStats
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKPOINT = "unet.up_blocks.1.attentions.1"
@@ -251,10 +252,19 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
     SparseAutoencoder(64, SaeConfig(num_latents=128, k=8)).save("sae128")
     with pytest.raises(ValueError, match="The concept statistics have 256 latents but the SAE has 128"):
         main([*UNLEARN, "--model.init_args.erasure.sae=sae128"])
+    torch.manual_seed(1)  # the runs above reseeded with the config's seed_everything, which made the assets' SAE
+    SparseAutoencoder(64, SaeConfig(num_latents=256, k=8)).save("sae_other")  # same size, other weights
+    with pytest.raises(ValueError, match=f"The concept statistics {STATS} were computed with another SAE than "
+                                         "model.erasure.sae=sae_other"):
+        main([*UNLEARN, "--model.init_args.erasure.sae=sae_other"])
     SparseAutoencoder(32, SaeConfig(num_latents=256, k=8)).save("sae32")
+    stats = ConceptStats.load(STATS)
+    del stats.metadata["sae_digest"]  # as in statistics written before SAE digests were recorded
+    stats.save("stats_without_digest.safetensors")
     with pytest.raises(ValueError, match=f"Hookpoint {HOOKPOINT} outputs 64 channels but the erasure SAE "
                                          "model.erasure.sae=sae32 has d_in=32"):
-        main([*UNLEARN, "--model.init_args.erasure.sae=sae32"])
+        main([*UNLEARN, "--model.init_args.erasure.sae=sae32",
+              "--model.init_args.erasure.stats=stats_without_digest.safetensors"])
     with pytest.raises(ValueError, match="model.erasure needs a class_params file, or both percentile and multiplier"):
         main(["predict", "-c", str(REPO / "configs/toy/sweep.yaml"), *SMALL_DATA, *QUIET])  # multiplier unset
     assert not list(Path(".").rglob("*.jpg"))
