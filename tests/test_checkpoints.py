@@ -107,7 +107,7 @@ def test_bad_checkpoints_fail_with_one_clear_sentence(tmp_path):
 
     parent = tmp_path / "parent"
     for hookpoint in ("a", "b"):
-        SparseAutoencoder(4, SaeConfig(expansion_factor=2)).save(parent / hookpoint)
+        SparseAutoencoder(4, SaeConfig(expansion_factor=2, k=4)).save(parent / hookpoint)
     with pytest.raises(FileNotFoundError, match=r"holds several SAEs \['a', 'b'\]: pass a hookpoint"):
         SparseAutoencoder.load(parent)
     with pytest.raises(FileNotFoundError, match=r"has no hookpoint folder 'c'; found \['a', 'b'\]"):
