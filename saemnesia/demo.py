@@ -105,7 +105,7 @@ class Eraser:
     """Suffix of this eraser's run folders under `runs/toy/`; empty for the toy configs' own folders."""
     grid: tuple[ConceptParams, ...]
     """Candidate `{percentile, multiplier}` of the search, one generation run each."""
-    reference: bool
+    draws_unerased: bool
     """Also generate the unerased images (target `none`); once is enough, with one eraser."""
     error_mode: str = "exact"
     """`model.erasure.error_mode` of the unlearning run (the search always runs `exact`, as the configs)."""
@@ -145,7 +145,7 @@ def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
 def reference_mode(eraser: Eraser) -> Eraser:
     """`eraser`'s statistics and searched parameters, unlearning with the published `error_mode: reference`."""
     return replace(eraser, label="same SAE and multipliers, `error_mode: reference`", name=f"{eraser.name}, reference",
-                   grid=(), reference=False, error_mode="reference")
+                   grid=(), draws_unerased=False, error_mode="reference")
 
 
 def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
@@ -183,7 +183,7 @@ def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
 
 def unlearning_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
     """Unlearning generation with the searched `class_params`, every target in turn, and its evaluation."""
-    unlearn_targets = (*setting.erased, NO_ERASURE) if eraser.reference else setting.erased
+    unlearn_targets = (*setting.erased, NO_ERASURE) if eraser.draws_unerased else setting.erased
     unlearn = cli_step(f"{eraser.name}: unlearning generation", "predict", "configs/toy/unlearn.yaml",
                        eraser.images / "manifest.jsonl",
                        *erasure_overrides(eraser, class_params=eraser.class_params, error_mode=eraser.error_mode),
@@ -203,6 +203,7 @@ def compared_erasers(setting: DemoSetting) -> tuple[Eraser, ...]:
 
 def workflow(setting: DemoSetting) -> list[Step]:
     """Every step of the demo, in order."""
+    baseline, supervised = erasers(setting)
     return [
         cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json",
                  *setting.data()),
@@ -210,8 +211,9 @@ def workflow(setting: DemoSetting) -> list[Step]:
                  *setting.max_steps(setting.sae_steps)),
         cli_step("supervised SAE", "fit", "configs/toy/sae_supervised.yaml",
                  RUNS / "sae_supervised/checkpoints/last.ckpt", *setting.max_steps(setting.supervised_steps)),
-        *(step for eraser in erasers(setting) for step in eraser_steps(eraser, setting)),
-        *unlearning_steps(compared_erasers(setting)[-1], setting),
+        *eraser_steps(baseline, setting),
+        *eraser_steps(supervised, setting),
+        *unlearning_steps(reference_mode(supervised), setting),
     ]
 
 
@@ -234,8 +236,8 @@ def main(setting: DemoSetting = DemoSetting()) -> str:
     compared = compared_erasers(setting)
     results = {eraser.label: json.loads(eraser.results.read_text()) for eraser in compared}
     table = report_table(results, {eraser.label: len(eraser.grid) or None for eraser in compared})
-    reference = next(eraser.images for eraser in compared if eraser.reference)
-    write_sample_grid(REPORT_DIR / "samples.png", reference, {eraser.label: eraser.images for eraser in compared})
+    unerased = next(eraser.images for eraser in compared if eraser.draws_unerased)
+    write_sample_grid(REPORT_DIR / "samples.png", unerased, {eraser.label: eraser.images for eraser in compared})
     columns = " | ".join(["no erasure", *(eraser.label for eraser in compared)])
     atomic_write_text(REPORT_DIR / "report.md", f"# ToyCanvas demo\n\n{table}\n![One row per object: {columns}]"
                       "(samples.png)\n")
