@@ -11,8 +11,8 @@ Figures 1-2 are MB/s of shard-file bytes; figure 3 counts the float16 activation
 (the stored bytes, which the batches hold as they are). `vs_raw` = stream MB/s ÷ raw-read MB/s (target ≥ 0.8), and
 `vs_raw_just_before` the same against a raw read timed just before the stream (its speed varies by half with the
 load of the other cores); `s_per_batch` = seconds per delivered batch. Local shards stay mapped in each process
-(`saemnesia.shards.mapped_shard`), so the timed epochs (after `warmup`) of 0 workers copy the bytes without mapping
-them again; workers, started afresh every epoch, inherit the main process's mappings and map other shards
+(`saemnesia.shard_reading.mapped_shard`), so the timed epochs (after `warmup`) of 0 workers copy the bytes without
+mapping them again; workers, started afresh every epoch, inherit the main process's mappings and map other shards
 anew. The last line is one JSON object with every figure.
 
     python -m benchmarks.stream

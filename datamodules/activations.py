@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from datamodules.batches import BatchBuffers, collate_samples, token_batches
 from saemnesia.concepts import ConceptVocabulary
-from saemnesia.shards import ShardManifest, is_url, shard_location, shard_samples
+from saemnesia.shard_reading import is_url, shard_samples
+from saemnesia.shards import ShardManifest, shard_location
 
 SHARD_NAME = re.compile(r"[^/\s]+\.tar")
 

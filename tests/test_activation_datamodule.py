@@ -314,7 +314,7 @@ def test_local_shards_deliver_the_stored_maps_and_each_token_once_per_pass(shard
     """Map batches equal the members' `np.load`; a shuffled pass over local shards delivers every stored token once,
     drawing each batch from several maps, as a function of the generator's seed."""
     from datamodules.batches import token_batches
-    from saemnesia.shards import shard_samples
+    from saemnesia.shard_reading import shard_samples
 
     folder, _ = shard_folder
     data = ActivationDataModule(str(folder), batch_size=4, val_shards=3)
