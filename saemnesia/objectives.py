@@ -44,6 +44,11 @@ class UnsupervisedLoss:
     with AuxK at its widest (benchmarks/RESULTS.md). `dense`: through the dense `[N, L]` pre-activations. (The
     supervised loss is always dense: its L1 penalty and pooled concept logits read every latent.)"""
 
+    def __post_init__(self) -> None:
+        if min(self.auxk_alpha, self.multi_topk_weight) < 0:
+            raise ValueError(f"model.unsupervised weights must be >= 0; got auxk_alpha={self.auxk_alpha}, "
+                             f"multi_topk_weight={self.multi_topk_weight}.")
+
     def __call__(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None = None) -> UnsupervisedTerms:
         """`x`: tokens `[..., d]` (token-level batches, or maps `[B, N, d]` that are read as B·N tokens)."""
         out = sae(x, dead_mask=dead_mask, encoder_backward=self.encoder_backward)
@@ -91,6 +96,13 @@ class SupervisedLoss:
     concept_logits: Literal["post_relu", "pre_relu"] = "post_relu"
     """Pool the post-ReLU activations (faithful: logits ≥ 0, so negatives never go below σ(0) = 0.5) or the
     pre-ReLU ones (negatives can be pushed down)."""
+
+    def __post_init__(self) -> None:
+        weights = {name: getattr(self, name) for name in
+                   ("rec_weight", "concept_weight", "decorrelation_weight", "sparsity_weight", "sparsity_clamp")}
+        negative = {name: value for name, value in weights.items() if value < 0}
+        if negative:  # a negative weight rewards its term: the loss falls without bound instead of training
+            raise ValueError(f"model.supervised weights must be >= 0; got {negative}.")
 
     def __call__(self, sae: SparseAutoencoder, x: Tensor, objects: Tensor, styles: Tensor,
                  object_latents: Tensor, style_latents: Tensor) -> SupervisedTerms:

@@ -100,3 +100,11 @@ def test_unsupervised_loss_combines_terms_with_its_weights():
     out = sae(x, dead_mask=dead)
     assert terms.loss.item() == pytest.approx((out.fvu + 0.5 * out.auxk_loss + 0.25 * out.multi_topk_fvu).item())
     assert terms.auxk.item() > 0 and terms.multi_topk_fvu.item() > 0
+
+
+def test_negative_weights_are_refused_naming_them():
+    with pytest.raises(ValueError, match=r"model.supervised weights must be >= 0; got \{'concept_weight': -3.0\}"):
+        SupervisedLoss(concept_weight=-3.0)
+    with pytest.raises(ValueError, match="model.unsupervised weights must be >= 0; got auxk_alpha=-1"):
+        UnsupervisedLoss(auxk_alpha=-1)
+    assert SupervisedLoss(sparsity_weight=0.0).sparsity_weight == 0.0  # zero switches a term off
