@@ -14,11 +14,13 @@ import torch
 class BatchBuffers:
     """Float16 batch memory, filled again once nothing uses the batch it last held.
 
-    Fresh memory for every batch (10 MB at SD1.5 size) costs a page fault per 4 KiB page each time, which kept the
-    stream at half the speed of a raw read of the shards. A batch is handed out as `torch.from_numpy` of a view of
-    a kept array: every tensor, view or numpy array made from the batch keeps that view alive, so a weak reference
-    to it tells when the consumer has let go, and only then is the array filled again. A consumer that keeps its
-    batches (a list of them, a prefetching loop) gets fresh memory beyond the `keep` arrays.
+    Fresh memory for every batch (10 MB at SD1.5 size) is page-faulted in again, 4 KiB at a time, whenever the
+    allocator has handed the last batch's memory back to the system (glibc does, for blocks above its mmap
+    threshold), and that costs about as much as filling it; reused memory stays mapped. A batch is handed out as
+    `torch.from_numpy` of a view of a kept array: every tensor, view or numpy array made from the batch keeps that
+    view alive, so a weak reference to it tells when the consumer has let go, and only then is the array filled
+    again. A consumer that keeps its batches (a list of them, a prefetching loop) gets fresh memory beyond the
+    `keep` arrays.
 
     In a DataLoader worker the batch is made in shared memory, where it must go anyway: sending it to the main
     process then passes a handle instead of copying it (`share_memory_()` would copy the bytes over). Those are
