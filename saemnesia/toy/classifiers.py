@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.concepts import NO_STYLE
 from saemnesia.io import replace_folder
 from saemnesia.toy.fitting import adamw_warmup_cosine
@@ -69,6 +70,16 @@ def save_classifier(folder: str | os.PathLike, model: nn.Module, labels: list[st
         (staging / CLASSIFIER_JSON).write_text(json.dumps(description, indent=2) + "\n")
 
     return replace_folder(folder, write)
+
+
+def load_toy_classifier(classifiers: str | os.PathLike, kind: Literal["object", "style"]) -> nn.Module:
+    """The `object` or `style` classifier of a ToyCanvas classifier folder (`classifiers/{kind}`), refused unless
+    its labels are the toy vocabulary's, in order."""
+    classifier = load_classifier(ClassifierConfig(checkpoint=str(Path(classifiers) / kind)))
+    expected = list(TOY_OBJECTS) if kind == "object" else list(STYLE_LABELS)
+    if classifier.labels != expected:
+        raise ValueError(f"The {kind} classifier in {classifiers} has labels {classifier.labels}; expected {expected}.")
+    return classifier
 
 
 def style_targets(styles: Tensor) -> Tensor:

@@ -21,10 +21,10 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
-from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.hooks import HALVES, Halves, HookContext, hook_block
 from saemnesia.pipelines import load_pipeline
 from saemnesia.toy import TOY_CLASSIFIERS_DIR, TOY_OBJECTS, TOY_PIPELINE_DIR, toy_prompt
+from saemnesia.toy.classifiers import load_toy_classifier
 
 
 class PatchingResult(NamedTuple):
@@ -87,10 +87,7 @@ def main(args: list[str] | None = None) -> PatchingResult:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--shift", type=int, default=1, help="object i gets the activations of object i + shift")
     options = parser.parse_args(args)
-    classifier = load_classifier(ClassifierConfig(checkpoint=f"{options.classifiers}/object"))
-    if classifier.labels != list(TOY_OBJECTS):
-        raise ValueError(f"The object classifier in {options.classifiers} has labels {classifier.labels}; "
-                         f"expected {list(TOY_OBJECTS)}.")
+    classifier = load_toy_classifier(options.classifiers, "object")
     images, objects, donors = patch_hookpoint(load_pipeline(options.pipeline), options.hookpoint, options.halves,
                                               range(options.seeds), options.steps, options.guidance,
                                               options.shift)

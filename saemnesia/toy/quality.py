@@ -19,10 +19,9 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor, nn
 
-from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.concepts import NO_STYLE
 from saemnesia.toy import TOY_CLASSIFIERS_DIR, TOY_PIPELINE_DIR
-from saemnesia.toy.classifiers import STYLE_LABELS, style_targets
+from saemnesia.toy.classifiers import load_toy_classifier, style_targets
 from saemnesia.toy.data import STYLE_CHOICES
 from saemnesia.toy.vocabulary import TOY_OBJECTS, TOY_STYLES, toy_prompt
 
@@ -91,11 +90,7 @@ def measure_quality(pipe: DiffusionPipeline, classifiers: str | Path = TOY_CLASS
                     seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int = WORKFLOW_STEPS,
                     guidance_scale: float = 7.5) -> ToyQuality:
     """Generate the grid with `pipe` and score it with the classifiers in `classifiers/{object,style}`."""
-    object_classifier, style_classifier = (load_classifier(ClassifierConfig(checkpoint=str(Path(classifiers) / name)))
-                                           for name in ("object", "style"))
-    if object_classifier.labels != list(TOY_OBJECTS) or style_classifier.labels != list(STYLE_LABELS):
-        raise ValueError(f"Classifiers in {classifiers} have labels {object_classifier.labels} / "
-                         f"{style_classifier.labels}; expected {list(TOY_OBJECTS)} / {list(STYLE_LABELS)}.")
+    object_classifier, style_classifier = (load_toy_classifier(classifiers, kind) for kind in ("object", "style"))
     grid = generate_grid(pipe, seeds, num_inference_steps, guidance_scale)
     return score_grid(grid, object_classifier, style_classifier)
 
