@@ -93,10 +93,7 @@ class ErasureBuilder:
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse sampling with another number of steps than the statistics' (SPEC §4)."""
-        if num_steps != self.stats.num_steps:
-            raise ValueError(f"The concept statistics {self.config.stats} were computed with {self.stats.num_steps} "
-                             f"sampling steps but model.num_steps is {num_steps}; recompute them with "
-                             f"{num_steps} steps or sample with {self.stats.num_steps}.")
+        self.stats.check_compatible(self.sae.num_latents, num_steps)
 
     def to(self, device: torch.device | str) -> ErasureBuilder:
         """Move the SAE (erasers move their tables to it on first use)."""
@@ -119,10 +116,8 @@ class ErasureBuilder:
     def eraser_for(self, concepts: tuple[str, ...]) -> ConceptEraser:
         """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last)."""
         if concepts not in self._erasers:
-            unknown = [concept for concept in concepts if concept not in self.stats.concepts]
-            if unknown:  # before any parameter lookup, whose error would blame the class_params file
-                raise ValueError(f"Unknown concepts {unknown}: the concept statistics {self.config.stats} cover "
-                                 f"{list(self.stats.concepts)}.")
+            for concept in concepts:
+                self.stats.index(concept)  # an unknown concept lists the known ones before any parameter lookup
             self._erasers[concepts] = ConceptEraser(self.sae, self.stats, self.params_for(concepts),
                                                     error_mode=self.config.error_mode,
                                                     start_step=self.config.start_step, use_beta=self.config.use_beta)

@@ -39,10 +39,10 @@ QUANTILE_MAX_NUMEL = 2**24
 """`torch.quantile` refuses inputs with more elements than this, so larger batches are split."""
 
 
-def concept_index(concepts: Sequence[str], name: str) -> int:
-    """Row of `name` in `concepts`, or a ValueError listing the known concepts."""
+def concept_index(concepts: Sequence[str], name: str, owner: str = "the statistics") -> int:
+    """Row of `name` in `concepts`, or a ValueError listing the known concepts (of `owner`, as named in it)."""
     if name not in concepts:
-        raise ValueError(f"Unknown concept {name!r}; the statistics cover {list(concepts)}.")
+        raise ValueError(f"Unknown concept {name!r}; {owner} cover {list(concepts)}.")
     return list(concepts).index(name)
 
 
@@ -79,6 +79,8 @@ class ConceptStats:
     """`[C]` int64: number of images of each concept (each contributes once to every step)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable provenance, e.g. `{"hookpoint": ..., "sae": ...}`; saved with the statistics."""
+    source: str | None = None
+    """The file they were read from (not saved): their errors name it."""
 
     def __post_init__(self) -> None:
         self.concepts = [str(name) for name in self.concepts]
@@ -105,20 +107,25 @@ class ConceptStats:
     def num_latents(self) -> int:
         return self.means.shape[2]
 
+    @property
+    def _from_source(self) -> str:
+        """` <file>` after "statistics" in an error, or nothing for statistics made in memory."""
+        return "" if self.source is None else f" {self.source}"
+
     def index(self, concept: str) -> int:
-        return concept_index(self.concepts, concept)
+        return concept_index(self.concepts, concept, f"the statistics{self._from_source}")
 
     def check_compatible(self, num_latents: int, num_steps: int | None = None) -> None:
         """Refuse an SAE with another latent count, or sampling with another number of steps (SPEC §4)."""
         if num_latents != self.num_latents:
             raise ValueError(
-                f"The concept statistics have {self.num_latents} latents but the SAE has {num_latents}; "
-                "recompute the statistics with this SAE."
+                f"The concept statistics{self._from_source} have {self.num_latents} latents but the SAE has "
+                f"{num_latents}; recompute the statistics with this SAE."
             )
         if num_steps is not None and num_steps != self.num_steps:
             raise ValueError(
-                f"The concept statistics were computed with {self.num_steps} sampling steps but sampling uses "
-                f"{num_steps}; recompute them with the same number of steps."
+                f"The concept statistics{self._from_source} were computed with {self.num_steps} sampling steps but "
+                f"sampling uses {num_steps} (model.num_steps); recompute them with the same number of steps."
             )
 
     def importance(self, concept: str, step: int | None = None) -> Tensor:
@@ -187,6 +194,7 @@ class ConceptStats:
             means=tensors["means"],
             counts=tensors["counts"],
             metadata=json.loads(header["metadata"]),
+            source=str(path),
         )
 
     @classmethod
@@ -217,6 +225,7 @@ class ConceptStats:
             means=torch.stack(means),  # [C, T, L]
             counts=torch.tensor(counts),
             metadata={"reference": str(path)},
+            source=str(path),
         )
 
     def to_reference(self, pickle_path: str | os.PathLike) -> None:

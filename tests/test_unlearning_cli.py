@@ -227,13 +227,13 @@ def test_configs_parse(config, capsys):
 
 
 def test_bad_input_fails_with_one_sentence(toy_cwd):
-    with pytest.raises(ValueError, match=rf"Unknown concepts \['Pop_Art'\]: the concept statistics {STATS} cover "
+    with pytest.raises(ValueError, match=rf"Unknown concept 'Pop_Art'; the statistics {STATS} cover "
                                          r"\['Circle', 'Square'\]"):
         main([*UNLEARN, "--data.init_args.targets=[Pop_Art]"])
     with pytest.raises(ValueError, match=r"data.targets \['Dog'\] are not concepts of the vocabulary"):
         main([*UNLEARN, "--data.init_args.targets=[Dog]"])
-    with pytest.raises(ValueError, match=f"statistics {STATS} were computed with 3 sampling steps but "
-                                         "model.num_steps is 4; recompute them"):
+    with pytest.raises(ValueError, match=rf"statistics {STATS} were computed with 3 sampling steps but sampling uses 4 "
+                                         r"\(model.num_steps\); recompute them"):
         main([*UNLEARN, "--model.init_args.num_steps=4"])
     with pytest.raises(ValueError, match=rf"model.erasure.start_step must lie in \[0, 3\) for the concept statistics "
                                          rf"{STATS} of 3 steps; got 3."):
@@ -250,7 +250,7 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
         main([*UNLEARN, "--model.init_args.output_type=latent"])
     torch.manual_seed(0)
     SparseAutoencoder(64, SaeConfig(num_latents=128, k=8)).save("sae128")
-    with pytest.raises(ValueError, match="The concept statistics have 256 latents but the SAE has 128"):
+    with pytest.raises(ValueError, match=f"The concept statistics {STATS} have 256 latents but the SAE has 128"):
         main([*UNLEARN, "--model.init_args.erasure.sae=sae128"])
     torch.manual_seed(1)  # the runs above reseeded with the config's seed_everything, which made the assets' SAE
     SparseAutoencoder(64, SaeConfig(num_latents=256, k=8)).save("sae_other")  # same size, other weights
