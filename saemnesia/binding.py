@@ -15,8 +15,6 @@ import argparse
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
-
 from saemnesia.concepts import load_concept_latents
 from saemnesia.stats import ConceptStats
 
@@ -87,8 +85,7 @@ def main(args: list[str] | None = None) -> list[LatentBinding]:
     unassigned = [name for name in options.concepts or [] if name not in concept_latents]
     if unassigned:
         raise ValueError(f"--concepts {unassigned} have no latent in {options.concept_latents}.")
-    with torch.no_grad():
-        bindings = latent_bindings(stats, concept_latents, options.concepts, options.percentile)
+    bindings = latent_bindings(stats, concept_latents, options.concepts, options.percentile)
     print(binding_table(bindings, stats.num_steps))
     return bindings
 
