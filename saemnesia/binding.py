@@ -39,8 +39,12 @@ class LatentBinding(NamedTuple):
 
 
 def latent_bindings(stats: ConceptStats, concept_latents: dict[str, int], concepts: Sequence[str] | None = None,
-                    percentile: float = PERCENTILE) -> list[LatentBinding]:
-    """The binding of each of `concepts` (default: every assigned concept that the statistics cover)."""
+                    percentile: float = PERCENTILE, source: str = "the concept→latent mapping") -> list[LatentBinding]:
+    """The binding of each of `concepts` (default: every assigned concept that the statistics cover); `source`
+    names `concept_latents` in errors."""
+    unassigned = [name for name in concepts or [] if name not in concept_latents]
+    if unassigned:
+        raise ValueError(f"Concepts {unassigned} have no latent in {source}.")
     owners: dict[int, list[str]] = {}
     for name, latent in concept_latents.items():
         owners.setdefault(latent, []).append(name)
@@ -82,10 +86,7 @@ def main(args: list[str] | None = None) -> list[LatentBinding]:
     options = parser.parse_args(args)
     stats = ConceptStats.load(options.stats)
     concept_latents = load_concept_latents(options.concept_latents, num_latents=stats.num_latents)
-    unassigned = [name for name in options.concepts or [] if name not in concept_latents]
-    if unassigned:
-        raise ValueError(f"--concepts {unassigned} have no latent in {options.concept_latents}.")
-    bindings = latent_bindings(stats, concept_latents, options.concepts, options.percentile)
+    bindings = latent_bindings(stats, concept_latents, options.concepts, options.percentile, options.concept_latents)
     print(binding_table(bindings, stats.num_steps))
     return bindings
 

@@ -66,5 +66,5 @@ def test_command_line_prints_the_table_and_refuses_unassigned_concepts(tmp_path,
     table = capsys.readouterr().out
     assert [binding.concept for binding in bindings] == ["X", "Y"]  # Z has no latent
     assert "| Y | 1 | 1/2 steps | 1–2 | 0.50–4.00 | 0 (X) |" in table
-    with pytest.raises(ValueError, match=r"--concepts \['Z'\] have no latent in .*concept_latents.json"):
+    with pytest.raises(ValueError, match=r"Concepts \['Z'\] have no latent in .*concept_latents.json\.$"):
         main([*files, "--concepts", "Z"])
