@@ -15,11 +15,9 @@ import argparse
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from saemnesia.class_params import SAEMNESIA_PERCENTILE
 from saemnesia.concepts import load_concept_latents
-from saemnesia.stats import ConceptStats
-
-PERCENTILE = 99.999
-"""SAEmnesia's fixed selection percentile (SPEC §5): the top latent."""
+from saemnesia.stats import ConceptStats, above_quantile
 
 
 class LatentBinding(NamedTuple):
@@ -39,7 +37,8 @@ class LatentBinding(NamedTuple):
 
 
 def latent_bindings(stats: ConceptStats, concept_latents: dict[str, int], concepts: Sequence[str] | None = None,
-                    percentile: float = PERCENTILE, source: str = "the concept→latent mapping") -> list[LatentBinding]:
+                    percentile: float = SAEMNESIA_PERCENTILE,
+                    source: str = "the concept→latent mapping") -> list[LatentBinding]:
     """The binding of each of `concepts` (default: every assigned concept that the statistics cover); `source`
     names `concept_latents` in errors."""
     unassigned = [name for name in concepts or [] if name not in concept_latents]
@@ -53,7 +52,7 @@ def latent_bindings(stats: ConceptStats, concept_latents: dict[str, int], concep
         latent = concept_latents[concept]
         scores = stats.importance(concept)  # [T, L]
         ranks = 1 + (scores > scores[:, latent : latent + 1]).sum(dim=1)  # [T]
-        selected = stats.selection_mask(concept, percentile)  # [T, L]
+        selected = above_quantile(scores, percentile)  # [T, L], as `stats.selection_mask` without scoring again
         others = selected.any(dim=0).nonzero().squeeze(1).tolist()
         codes = stats.means[stats.index(concept), :, latent]  # [T]
         bindings.append(LatentBinding(
@@ -82,7 +81,8 @@ def main(args: list[str] | None = None) -> list[LatentBinding]:
     parser.add_argument("--concept-latents", required=True, help="the SAE's concept_latents.json")
     parser.add_argument("--concepts", nargs="+",
                         help="concepts to report (default: the assigned ones that the statistics cover)")
-    parser.add_argument("--percentile", type=float, default=PERCENTILE, help="selection percentile (SPEC §3.3)")
+    parser.add_argument("--percentile", type=float, default=SAEMNESIA_PERCENTILE,
+                        help="selection percentile (SPEC §3.3)")
     options = parser.parse_args(args)
     stats = ConceptStats.load(options.stats)
     concept_latents = load_concept_latents(options.concept_latents, num_latents=stats.num_latents)
