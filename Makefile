@@ -24,11 +24,12 @@ test: setup
 demo: setup
 	$(BIN)/python -m saemnesia.demo
 
-# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 80-90 min on 2 CPU cores.
-# The text-to-image model trains in two DDP processes of one thread each (faster than two threads on 2 cores).
+# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 57 min on 2 CPU cores.
+# The VAE and the text-to-image model train in two DDP processes of one thread each (faster than two threads on
+# 2 cores).
 toy-assets: setup
 	$(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml
-	$(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml
+	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml
 	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_model.yaml
 	$(BIN)/python -m saemnesia.toy.quality
 

@@ -27,7 +27,8 @@ from saemnesia.toy.fitting import WarmupEMA, adamw_warmup_cosine
 from saemnesia.toy.patching import main as patching_main
 from saemnesia.toy.patching import patch_hookpoint, plain_images
 from saemnesia.toy.quality import WORKFLOW_STEPS, ImageGrid, measure_quality, score_grid
-from saemnesia.toy.renderer import PLAIN, SHAPES, STYLES, Geometry, render, render_seeds
+from saemnesia.toy.renderer import (MAX_TILT, PLAIN, SCALE_RANGE, SHAPES, STYLES, Geometry, render, render_seeds,
+                                   sample_geometry)
 from saemnesia.toy.text_to_image import ToyDiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,16 @@ def test_render_is_deterministic_and_independent_of_the_batch():
     for i in range(4):  # each image is a function of its own (object, style, seed) only
         torch.testing.assert_close(batch[i], render_seeds(objects[i:i + 1], styles[i:i + 1], seeds[i:i + 1])[0])
     assert not torch.equal(batch[0], render_seeds([0], [NO_STYLE], [99])[0])  # another seed, another placement
+
+
+def test_placements_stay_inside_the_image_and_near_upright():
+    geometry = sample_geometry(range(2000))
+    assert geometry.angle.abs().max() <= MAX_TILT
+    assert geometry.angle.min() < -0.9 * MAX_TILT and geometry.angle.max() > 0.9 * MAX_TILT  # both ways, all of it
+    low, high = SCALE_RANGE
+    assert low <= geometry.scale.min() and geometry.scale.max() <= high
+    # The widest shapes reach radius ~1 shape unit: that disc must stay inside the [-1, 1] image.
+    assert (geometry.center.abs() + geometry.scale[:, None]).max() <= 1
 
 
 @pytest.mark.parametrize(("shape", "area"), [
@@ -257,8 +268,9 @@ def trained_tiny(tmp_path_factory):
              "--data.init_args.batch_size=8", "--data.init_args.val_size=16", *QUIET]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
-        for config in ("toy_classifiers", "toy_vae", "toy_model"):
-            main(["fit", "-c", str(REPO / f"configs/toy/{config}.yaml"), *small])
+        for config, extra in (("toy_classifiers", []), ("toy_vae", []),
+                              ("toy_model", ["--data.init_args.pool_size=16"])):
+            main(["fit", "-c", str(REPO / f"configs/toy/{config}.yaml"), *small, *extra])
     return workdir
 
 

@@ -25,6 +25,10 @@ SUPERSAMPLE = 4
 """Sub-pixels per pixel side used for anti-aliasing."""
 SCALE_RANGE = (0.45, 0.72)
 """Shape radius as a fraction of half the image side (7 to 11.5 px at 32 px)."""
+MAX_TILT = math.pi / 6
+"""Largest rotation either way from upright (30°). Shapes stand roughly upright, as photographed objects do:
+under any rotation, a 7-px Square and Heart differ by a few pixels, and a model trained for an hour drew 8 % of
+its Squares as Hearts."""
 
 RGB = tuple[float, float, float]
 
@@ -37,18 +41,19 @@ class Geometry(NamedTuple):
     scale: Tensor
     """`[B]` shape radius in half-image units."""
     angle: Tensor
-    """`[B]` rotation in radians."""
+    """`[B]` rotation in radians, in `[-MAX_TILT, MAX_TILT]`."""
 
 
 def sample_geometry(seeds: Sequence[int]) -> Geometry:
-    """The placement drawn from each seed: scale in `SCALE_RANGE`, any rotation, the shape inside the image."""
+    """The placement drawn from each seed: scale in `SCALE_RANGE`, a tilt within `MAX_TILT`, the shape inside the
+    image."""
     draws = [np.random.default_rng(seed).random(4) for seed in seeds]
     draws = torch.tensor(np.array(draws).reshape(len(seeds), 4), dtype=torch.float32)  # [B, 4] uniforms
     low, high = SCALE_RANGE
     scale = low + (high - low) * draws[:, 0]
     # 0.9 keeps the widest shapes (radius ≈ 1 unit) a little away from the border.
     center = (2 * draws[:, 1:3] - 1) * 0.9 * (1 - scale[:, None])
-    return Geometry(center=center, scale=scale, angle=2 * math.pi * draws[:, 3])
+    return Geometry(center=center, scale=scale, angle=MAX_TILT * (2 * draws[:, 3] - 1))
 
 
 # -- shapes: masks in the shape's own frame, radius ≈ 1 -------------------------------------------------------
@@ -129,8 +134,9 @@ class StyleSpec:
 
     background: tuple[RGB, RGB]
     """The two background colours mixed by `background_pattern`."""
-    fill: tuple[RGB, RGB] | None
-    """The two colours inside the shape, mixed by `fill_pattern`; `None` leaves the inside as background."""
+    fill: tuple[RGB, RGB]
+    """The two colours inside the shape, mixed by `fill_pattern`. Every style fills its shapes: an outline alone
+    on a textured background (an earlier Blueprint) was the style the model drew worst (81 % of objects right)."""
     background_pattern: Pattern = Pattern()
     """Texture mixing the two background colours (flat: the first only)."""
     fill_pattern: Pattern = Pattern()
@@ -144,7 +150,7 @@ class StyleSpec:
 STYLES: dict[str, StyleSpec] = {
     "Pop_Art": StyleSpec(background=((1.0, 0.85, 0.1),) * 2, fill=((0.9, 0.1, 0.1), (1.0, 1.0, 1.0)),
                          fill_pattern=Pattern("dots", period=5, width=1.3), outline=(0.0, 0.0, 0.0)),
-    "Blueprint": StyleSpec(background=((0.08, 0.15, 0.45), (0.35, 0.5, 0.85)), fill=None,
+    "Blueprint": StyleSpec(background=((0.08, 0.15, 0.45), (0.35, 0.5, 0.85)), fill=((0.2, 0.33, 0.7),) * 2,
                            background_pattern=Pattern("grid", period=8, width=1), outline=(1.0, 1.0, 1.0),
                            outline_width=1.5),
     "Sunset": StyleSpec(background=((1.0, 0.65, 0.2), (0.75, 0.15, 0.5)), fill=((0.18, 0.05, 0.22),) * 2,
@@ -183,9 +189,8 @@ def _erode(mask: Tensor, radius: int) -> Tensor:
 def _paint(style: StyleSpec, mask: Tensor, x: Tensor, y: Tensor, image_size: int) -> Tensor:
     """`[B, 3, S, S]` sub-pixel colours of shapes `mask` `[B, S, S]` in one style."""
     image = _mix(style.background, style.background_pattern.weight(x, y)).expand(len(mask), -1, -1, -1)
-    if style.fill is not None:
-        inside = _mix(style.fill, style.fill_pattern.weight(x, y))  # [3, S, S]
-        image = torch.where(mask[:, None], inside, image)
+    inside = _mix(style.fill, style.fill_pattern.weight(x, y))  # [3, S, S]
+    image = torch.where(mask[:, None], inside, image)
     if style.outline is not None:
         radius = max(1, round(style.outline_width * SUPERSAMPLE * image_size / 32))
         stroke = mask & ~_erode(mask, radius)

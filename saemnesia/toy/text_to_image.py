@@ -4,7 +4,8 @@ Two Lightning runs build it. `ToyVAEModule` trains the autoencoder (32 px images
 it with its latent scaling factor; `ToyDiffusionModule` trains the UNet and the CLIP text encoder (the offline
 character tokenizer) on the frozen VAE's latents and exports a `StableDiffusionPipeline` folder with a DDIM
 scheduler, which `saemnesia.pipelines.load_pipeline` reads like any Stable Diffusion checkpoint. The networks
-come from `build_tiny_pipeline`, so the UNet has SD1.5's block layout (`unet.up_blocks.1.attentions.1`).
+come from `build_tiny_pipeline`, so the UNet has SD1.5's block layout (`unet.up_blocks.1.attentions.1`). Its
+batches are renders, or renders already encoded by the VAE (`saemnesia.toy.latents`).
 """
 
 from __future__ import annotations
@@ -145,10 +146,19 @@ class ToyDiffusionModule(pl.LightningModule):
         with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
             return self.text_encoder(tokens)[0]
 
+    @torch.no_grad()
+    def clean_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """`[B, 4, h, w]` scaled latents of a batch: its `image` renders encoded, or a draw from the posteriors a
+        `ToyLatentDataModule` batch carries (`latent_mean`, `latent_std`)."""
+        if "image" in batch:
+            latents = self.vae.encode(to_vae_range(batch["image"])).latent_dist.sample(generator)
+        else:
+            mean = batch["latent_mean"]
+            latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=generator, device=mean.device)
+        return latents * self.vae.config.scaling_factor
+
     def _loss(self, batch: dict[str, Any], prompts: list[str], generator: torch.Generator | None = None) -> Tensor:
-        with torch.no_grad():
-            posterior = self.vae.encode(to_vae_range(batch["image"])).latent_dist
-            latents = posterior.sample(generator) * self.vae.config.scaling_factor  # [B, 4, h, w]
+        latents = self.clean_latents(batch, generator)  # [B, 4, h, w]
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                   generator=generator, device=latents.device)
