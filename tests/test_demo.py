@@ -4,8 +4,8 @@ SAE training, one search run per eraser) erases what it is asked to and little e
 Margins, as fractions of images classified correctly, erased run against the unerased images of the same prompts
 and seeds: every erased object's accuracy drops, by `MIN_MEAN_DROP` on average over the targets, and the other
 objects' accuracy stays within `MAX_COLLATERAL` of the reference for every target. Measured on the 2-core sandbox
-(20 DDIM steps, as the configs): mean drop 0.83, largest collateral loss 0.22 (erasing Circle or Triangle); with 300
-supervised steps instead of 600, Ring's latent did not erase Ring at all.
+(20 DDIM steps, as the configs) with multiplier -10: mean drop 0.92, largest collateral loss 0.11. With -15,
+erasing Triangle cost the other objects 0.33.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MIN_MEAN_DROP = 0.5
 MAX_COLLATERAL = 0.3
 OBJECTS = ("Circle", "Triangle", "Star", "Ring")
 SETTING = DemoSetting(objects=OBJECTS, styles=("Pop_Art", "Neon"), sae_steps=150, supervised_steps=600,
-                      saemnesia_multipliers=(-15.0,),
+                      saemnesia_multipliers=(-10.0,),
                       baseline_grid=({"percentile": TOP_LATENTS_PERCENTILES[1], "multiplier": -15.0},))
 
 pytestmark = pytest.mark.skipif(not (TOY_PIPELINE_DIR / "model_index.json").is_file(),
