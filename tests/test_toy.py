@@ -27,8 +27,17 @@ from saemnesia.toy.fitting import WarmupEMA, adamw_warmup_cosine
 from saemnesia.toy.patching import main as patching_main
 from saemnesia.toy.patching import patch_hookpoint, plain_images
 from saemnesia.toy.quality import WORKFLOW_STEPS, ImageGrid, measure_quality, score_grid
-from saemnesia.toy.renderer import (MAX_TILT, PLAIN, SCALE_RANGE, SHAPES, STYLES, Geometry, render, render_seeds,
-                                   sample_geometry)
+from saemnesia.toy.renderer import (
+    MAX_TILT,
+    PLAIN,
+    SCALE_RANGE,
+    SHAPES,
+    STYLES,
+    Geometry,
+    render,
+    render_seeds,
+    sample_geometry,
+)
 from saemnesia.toy.text_to_image import ToyDiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
