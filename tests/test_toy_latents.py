@@ -84,9 +84,26 @@ def test_pool_batches_are_drawn_from_their_posteriors(vae_folder):
 def test_latent_datamodule_refuses_bad_settings():
     with pytest.raises(ValueError, match="data.seed and data.val_seed are both 2"):
         ToyLatentDataModule(seed=2, val_seed=2)
-    with pytest.raises(ValueError, match="data.pool_size 8 is smaller than data.batch_size 16"):
-        ToyLatentDataModule(batch_size=16, pool_size=8)
     datamodule = ToyLatentDataModule(batch_size=2, pool_size=4, val_size=2)
     attach(datamodule, SimpleNamespace(), rank=0, world_size=1)
     with pytest.raises(ValueError, match="encodes renders with the model's `vae`, and SimpleNamespace has no"):
         datamodule.setup("fit")
+
+
+def test_every_process_needs_a_whole_batch_of_the_pool(vae_folder):
+    """24 renders hold a batch of 16 in one process but not in two: there the stream would never yield."""
+    model = ToyDiffusionModule(vae=str(vae_folder))
+    datamodule = ToyLatentDataModule(batch_size=16, pool_size=24, val_size=2)
+    attach(datamodule, model, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"data.pool_size 24 leaves 12 renders to each of 2 processes, fewer than "
+                                         r"data.batch_size 16\.$"):
+        datamodule.setup("fit")
+    attach(datamodule, model, rank=0, world_size=1)
+    datamodule.setup("fit")
+    assert len(next(iter(datamodule.train_dataloader()))["prompt"]) == 16
+
+
+def test_diffusion_module_refuses_batches_of_renders(vae_folder):
+    model = ToyDiffusionModule(vae=str(vae_folder))
+    with pytest.raises(ValueError, match=r"trains on encoded renders .*; got a batch of \['image', 'prompt'\]\.$"):
+        model.clean_latents({"image": torch.rand(2, 3, 32, 32), "prompt": ["a", "b"]})

@@ -5,7 +5,7 @@ Rendering and encoding a batch is ~20 % of a training step: in `configs/toy/toy_
 processes a step took 747 ms (median of 60) with renders, 588 ms with encoded renders from a pool. This module
 renders and encodes a fixed pool once, when fitting starts, and keeps each latent's Gaussian (mean and
 standard deviation). Batches draw a fresh latent from each Gaussian, as Stable
-Diffusion's training samples the VAE posterior, so a render seen five times is five different latents.
+Diffusion's training samples the VAE posterior, so a render seen four times is four different latents.
 
 Under DDP every process encodes only its share of the pool (every `world_size`-th render, from its rank on)
 and draws batches from that share: the pool costs `pool_size / world_size` encodes per process, and no
@@ -86,8 +86,9 @@ class ToyLatentDataModule(pl.LightningDataModule):
         """
         Args:
             batch_size: Latents per batch (per process under DDP).
-            pool_size: Distinct training renders. 2^17 renders are seen ~4 times each by the shipped model's
-                4000 steps of 128; encoding them takes ~1.5 min per process on 2 CPU cores.
+            pool_size: Distinct training renders, split between the processes. 2^17 renders are seen ~4 times
+                each by the shipped model's 4000 steps of 128; with the start-up, encoding them takes ~4 min in
+                two processes on 2 CPU cores.
             val_size: Held-out renders; a multiple of 72 (8 objects × 9 styles) keeps every pair equally often.
             seed: Seed of the training placements and of the batch order.
             val_seed: Seed of the validation placements; must differ from `seed` for a held-out set.
@@ -97,8 +98,6 @@ class ToyLatentDataModule(pl.LightningDataModule):
         super().__init__()
         if seed == val_seed:
             raise ValueError(f"data.seed and data.val_seed are both {seed}; validation renders must be held out.")
-        if pool_size < batch_size:
-            raise ValueError(f"data.pool_size {pool_size} is smaller than data.batch_size {batch_size}.")
         self.save_hyperparameters()
         self.train_pool: LatentPool | None = None
         self.val_pool: LatentPool | None = None
@@ -115,6 +114,11 @@ class ToyLatentDataModule(pl.LightningDataModule):
                              f"{type(self.trainer.lightning_module).__name__} has no AutoencoderKL `vae`.")
         vae.to(self.trainer.strategy.root_device)  # encode where the model will run (the strategy moves it anyway)
         if stage == "fit" and self.train_pool is None:
+            share = self.hparams.pool_size // self.trainer.world_size  # the smallest process's share
+            if share < self.hparams.batch_size:  # `PoolBatches` would never yield a whole batch
+                raise ValueError(f"data.pool_size {self.hparams.pool_size} leaves {share} renders to each of "
+                                 f"{self.trainer.world_size} processes, fewer than data.batch_size "
+                                 f"{self.hparams.batch_size}.")
             self.train_pool = self._encode(vae, self.hparams.pool_size, self.hparams.seed)
         if stage in ("fit", "validate") and self.val_pool is None:
             self.val_pool = self._encode(vae, self.hparams.val_size, self.hparams.val_seed)

@@ -27,8 +27,8 @@ SCALE_RANGE = (0.45, 0.72)
 """Shape radius as a fraction of half the image side (7 to 11.5 px at 32 px)."""
 MAX_TILT = math.pi / 6
 """Largest rotation either way from upright (30°). Shapes stand roughly upright, as photographed objects do:
-under any rotation, a 7-px Square and Heart differ by a few pixels, and a model trained for an hour drew 8 % of
-its Squares as Hearts."""
+under any rotation, a 7-px Square and Heart differ by a few pixels, and the classifier called 8 of the 72 Squares
+that a model trained for an hour drew (8 seeds) Hearts."""
 
 RGB = tuple[float, float, float]
 

@@ -5,7 +5,7 @@ it with its latent scaling factor; `ToyDiffusionModule` trains the UNet and the 
 character tokenizer) on the frozen VAE's latents and exports a `StableDiffusionPipeline` folder with a DDIM
 scheduler, which `saemnesia.pipelines.load_pipeline` reads like any Stable Diffusion checkpoint. The networks
 come from `build_tiny_pipeline`, so the UNet has SD1.5's block layout (`unet.up_blocks.1.attentions.1`). Its
-batches are renders, or renders already encoded by the VAE (`saemnesia.toy.latents`).
+batches are renders already encoded by the VAE (`saemnesia.toy.latents`).
 """
 
 from __future__ import annotations
@@ -148,13 +148,13 @@ class ToyDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """`[B, 4, h, w]` scaled latents of a batch: its `image` renders encoded, or a draw from the posteriors a
-        `ToyLatentDataModule` batch carries (`latent_mean`, `latent_std`)."""
-        if "image" in batch:
-            latents = self.vae.encode(to_vae_range(batch["image"])).latent_dist.sample(generator)
-        else:
-            mean = batch["latent_mean"]
-            latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=generator, device=mean.device)
+        """`[B, 4, h, w]` scaled latents: a draw from the VAE posteriors that a `ToyLatentDataModule` batch carries
+        (`latent_mean`, `latent_std`), as `latent_dist.sample` would draw them."""
+        if "latent_mean" not in batch:
+            raise ValueError(f"ToyDiffusionModule trains on encoded renders (data: saemnesia.toy.latents."
+                             f"ToyLatentDataModule); got a batch of {sorted(batch)}.")
+        mean = batch["latent_mean"]
+        latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=generator, device=mean.device)
         return latents * self.vae.config.scaling_factor
 
     def _loss(self, batch: dict[str, Any], prompts: list[str], generator: torch.Generator | None = None) -> Tensor:
