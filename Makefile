@@ -26,10 +26,10 @@ demo: setup
 
 # Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 57 min on 2 CPU cores.
 # The VAE and the text-to-image model train in two DDP processes of one thread each (faster than two threads on
-# 2 cores).
+# 2 cores); the classifiers (one thread, which fixes their numerics) train beside the VAE, and both must succeed.
 toy-assets: setup
-	$(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml
-	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml
+	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml & classifiers=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml && wait $$classifiers
 	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_model.yaml
 	$(BIN)/python -m saemnesia.toy.quality
 

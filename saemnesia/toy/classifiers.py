@@ -22,10 +22,14 @@ from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.concepts import NO_STYLE
 from saemnesia.io import replace_folder
 from saemnesia.toy.fitting import adamw_warmup_cosine
-from saemnesia.toy.vocabulary import PLAIN_LABEL, TOY_OBJECTS, TOY_STYLES
+from saemnesia.toy.renderer import render_blobs
+from saemnesia.toy.vocabulary import NO_OBJECT_LABEL, PLAIN_LABEL, TOY_OBJECTS, TOY_STYLES
 
 CLASSIFIER_JSON = "classifier.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
+OBJECT_LABELS_WITH_NO_OBJECT = (*TOY_OBJECTS, NO_OBJECT_LABEL)
+"""Head order of an object classifier that may answer "no object" (`ToyClassifierModule(no_object_fraction > 0)`):
+the shapes, then `No_Object`. The plain object classifier's labels are `TOY_OBJECTS`."""
 STYLE_LABELS = (*TOY_STYLES, PLAIN_LABEL)
 """Style classifier head order: the styles, then the plain rendering."""
 
@@ -74,11 +78,12 @@ def save_classifier(folder: str | os.PathLike, model: nn.Module, labels: list[st
 
 def load_toy_classifier(classifiers: str | os.PathLike, kind: Literal["object", "style"]) -> nn.Module:
     """The `object` or `style` classifier of a ToyCanvas classifier folder (`classifiers/{kind}`), refused unless
-    its labels are the toy vocabulary's, in order."""
+    its labels are the toy vocabulary's, in order (objects: with or without `No_Object` last)."""
     classifier = load_classifier(ClassifierConfig(checkpoint=str(Path(classifiers) / kind)))
-    expected = list(TOY_OBJECTS) if kind == "object" else list(STYLE_LABELS)
-    if classifier.labels != expected:
-        raise ValueError(f"The {kind} classifier in {classifiers} has labels {classifier.labels}; expected {expected}.")
+    accepted = [list(TOY_OBJECTS), list(OBJECT_LABELS_WITH_NO_OBJECT)] if kind == "object" else [list(STYLE_LABELS)]
+    if classifier.labels not in accepted:
+        raise ValueError(f"The {kind} classifier in {classifiers} has labels {classifier.labels}; expected "
+                         f"{' or '.join(map(str, accepted))}.")
     return classifier
 
 
@@ -102,7 +107,7 @@ class ToyClassifierModule(pl.LightningModule):
 
     def __init__(self, width: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_steps: int = 50,
                  final_lr_fraction: float = 0.05, noise_std: float = 0.08, max_blur: float = 0.8,
-                 max_shift: float = 0.05):
+                 max_shift: float = 0.05, no_object_fraction: float = 0.0):
         """
         Args:
             width: Channels of the first conv stage (doubled at each of the next two).
@@ -113,32 +118,55 @@ class ToyClassifierModule(pl.LightningModule):
             noise_std: Largest standard deviation of the Gaussian noise added to training images.
             max_blur: Largest blend towards a 3×3 box blur of training images (0 = none, 1 = fully blurred).
             max_shift: Largest per-channel brightness shift of training images.
+            no_object_fraction: Images with no object (`render_blobs`) added to every batch, as a fraction of its
+                renders, under a ninth object label `No_Object`; 1/8 (the toy config) makes them as frequent as
+                one shape. 0: eight labels, so every image is named one of the shapes, wrecked ones included.
         """
         super().__init__()
         self.save_hyperparameters()
-        self.object_classifier = ToyClassifier(len(TOY_OBJECTS), width)
+        self.object_labels = OBJECT_LABELS_WITH_NO_OBJECT if no_object_fraction > 0 else TOY_OBJECTS
+        self.object_classifier = ToyClassifier(len(self.object_labels), width)
         self.style_classifier = ToyClassifier(len(STYLE_LABELS), width)
 
-    def _losses(self, batch: dict[str, Any], stage: str) -> Tensor:
-        images, styles = batch["image"], style_targets(batch["style"])
+    def _with_no_object_images(self, batch: dict[str, Any], batch_idx: int, stage: str) -> tuple[Tensor, ...]:
+        """(images, object targets, style targets) of the batch's renders followed by no-object images in the
+        styles of its first renders; validation draws them from fixed seeds, so the held-out set stays fixed."""
+        images, objects, styles = batch["image"], batch["object"], batch["style"]
+        count = round(self.hparams.no_object_fraction * len(images))
+        if count == 0:  # draws nothing from the global RNG either, so the renders-only run is unchanged
+            return images, objects, style_targets(styles)
+        if stage == "train":
+            seeds = torch.randint(2**62, (count,)).tolist()
+        else:
+            seeds = [2**62 + batch_idx * len(images) + i for i in range(count)]
+        blobs = render_blobs(styles[:count].tolist(), seeds, images.shape[-1]).to(images)
+        return (torch.cat([images, blobs]), torch.cat([objects, objects.new_full((count,), len(TOY_OBJECTS))]),
+                style_targets(torch.cat([styles, styles[:count]])))
+
+    def _losses(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
+        images, objects, styles = self._with_no_object_images(batch, batch_idx, stage)
         if stage == "train":
             images = degrade(images, self.hparams.noise_std, self.hparams.max_blur, self.hparams.max_shift)
+        renders = objects < len(TOY_OBJECTS)
         total = images.new_zeros(())
-        for name, model, targets in (("object", self.object_classifier, batch["object"]),
+        for name, model, targets in (("object", self.object_classifier, objects),
                                      ("style", self.style_classifier, styles)):
             logits = model(images)  # [B, classes]
             loss = F.cross_entropy(logits, targets)
-            accuracy = (logits.argmax(1) == targets).float().mean()
+            hits = (logits.argmax(1) == targets).float()
             self.log(f"{stage}/{name}_loss", loss, batch_size=len(images), prog_bar=False)
-            self.log(f"{stage}/{name}_accuracy", accuracy, batch_size=len(images), prog_bar=True)
+            # The accuracy bar (≥ 98 %) is on the shapes; the no-object images are scored on their own.
+            self.log(f"{stage}/{name}_accuracy", hits[renders].mean(), batch_size=int(renders.sum()), prog_bar=True)
+            if name == "object" and not renders.all():
+                self.log(f"{stage}/no_object_accuracy", hits[~renders].mean(), batch_size=int((~renders).sum()))
             total = total + loss
         return total
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._losses(batch, "train")
+        return self._losses(batch, batch_idx, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._losses(batch, "val")
+        self._losses(batch, batch_idx, "val")
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self.parameters(), self.hparams.lr, self.hparams.weight_decay,
@@ -147,7 +175,7 @@ class ToyClassifierModule(pl.LightningModule):
     def export(self, folder: Path) -> None:
         """`folder/object` and `folder/style` classifier folders, with the last held-out accuracy if measured."""
         metrics = self.trainer.callback_metrics if self._trainer is not None else {}
-        for name, model, labels in (("object", self.object_classifier, TOY_OBJECTS),
+        for name, model, labels in (("object", self.object_classifier, self.object_labels),
                                     ("style", self.style_classifier, STYLE_LABELS)):
             accuracy = metrics.get(f"val/{name}_accuracy")
             extra = {} if accuracy is None else {"val_accuracy": round(float(accuracy), 4)}

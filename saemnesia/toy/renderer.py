@@ -30,6 +30,12 @@ MAX_TILT = math.pi / 6
 under any rotation, a 7-px Square and Heart differ by a few pixels, and the classifier called 8 of the 72 Squares
 that a model trained for an hour drew (8 seeds) Hearts."""
 
+BLOB_FIELD = 5
+"""Side of the uniform random field that `render_blobs` upsamples: blobs are about a fifth of the image wide."""
+BLOB_COVERAGE = (0.0, 0.35)
+"""Range of the fraction of the image that a no-object image's blobs cover (`render_blobs`); a shape covers
+~10–30 %."""
+
 RGB = tuple[float, float, float]
 
 
@@ -198,31 +204,24 @@ def _paint(style: StyleSpec, mask: Tensor, x: Tensor, y: Tensor, image_size: int
     return image
 
 
-def render(objects: Tensor, styles: Tensor, geometry: Geometry, image_size: int = 32) -> Tensor:
-    """Images `[B, 3, image_size, image_size]` in [0, 1] of shapes `objects` `[B]` (indices into `TOY_OBJECTS`)
-    in `styles` `[B]` (indices into `TOY_STYLES`, `NO_STYLE` for plain) placed by `geometry`."""
-    objects, styles = torch.as_tensor(objects).long(), torch.as_tensor(styles).long()
-    if not ((0 <= objects) & (objects < len(TOY_OBJECTS))).all():
-        raise ValueError(f"render got object indices {objects.tolist()}; expected 0..{len(TOY_OBJECTS) - 1}.")
+def _subpixels(image_size: int) -> tuple[Tensor, Tensor]:
+    """`(x, y)` `[S, S]`: sub-pixel centres in 32-px pixels, S = `image_size · SUPERSAMPLE`."""
+    side = image_size * SUPERSAMPLE
+    pixels = (torch.arange(side, dtype=torch.float32) + 0.5) * (32 / side)
+    y, x = torch.meshgrid(pixels, pixels, indexing="ij")
+    return x, y
+
+
+def _check_styles(styles: Tensor) -> None:
     if not (((0 <= styles) & (styles < len(TOY_STYLES))) | (styles == NO_STYLE)).all():
         raise ValueError(f"render got style indices {styles.tolist()}; expected 0..{len(TOY_STYLES) - 1} or "
                          f"{NO_STYLE} (plain).")
-    side = image_size * SUPERSAMPLE
-    pixels = (torch.arange(side, dtype=torch.float32) + 0.5) * (32 / side)  # sub-pixel centres in 32-px pixels
-    y, x = torch.meshgrid(pixels, pixels, indexing="ij")  # [S, S] each
-    # Into each shape's frame: translate, rotate by -angle, divide by the radius.
-    dx = x / 16 - 1 - geometry.center[:, 0, None, None]  # [B, S, S] in half-image units
-    dy = y / 16 - 1 - geometry.center[:, 1, None, None]
-    cos, sin = geometry.angle.cos()[:, None, None], geometry.angle.sin()[:, None, None]
-    radius = geometry.scale[:, None, None]
-    u, v = (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius  # [B, S, S]
 
-    mask = torch.zeros(len(objects), side, side, dtype=torch.bool)
-    for index, shape in enumerate(SHAPES.values()):
-        chosen = objects == index
-        if chosen.any():
-            mask[chosen] = shape(u[chosen], v[chosen])
-    image = torch.empty(len(objects), 3, side, side)
+
+def _paint_masks(mask: Tensor, styles: Tensor, image_size: int) -> Tensor:
+    """Images `[B, 3, image_size, image_size]` of sub-pixel masks `[B, S, S]` painted in `styles` `[B]`."""
+    x, y = _subpixels(image_size)
+    image = torch.empty(len(mask), 3, *mask.shape[1:])
     for index, style in [(NO_STYLE, PLAIN), *enumerate(STYLES.values())]:
         chosen = styles == index
         if chosen.any():
@@ -230,6 +229,49 @@ def render(objects: Tensor, styles: Tensor, geometry: Geometry, image_size: int 
     return F.avg_pool2d(image, SUPERSAMPLE)  # [B, 3, image_size, image_size]
 
 
+def render(objects: Tensor, styles: Tensor, geometry: Geometry, image_size: int = 32) -> Tensor:
+    """Images `[B, 3, image_size, image_size]` in [0, 1] of shapes `objects` `[B]` (indices into `TOY_OBJECTS`)
+    in `styles` `[B]` (indices into `TOY_STYLES`, `NO_STYLE` for plain) placed by `geometry`."""
+    objects, styles = torch.as_tensor(objects).long(), torch.as_tensor(styles).long()
+    if not ((0 <= objects) & (objects < len(TOY_OBJECTS))).all():
+        raise ValueError(f"render got object indices {objects.tolist()}; expected 0..{len(TOY_OBJECTS) - 1}.")
+    _check_styles(styles)
+    x, y = _subpixels(image_size)
+    # Into each shape's frame: translate, rotate by -angle, divide by the radius.
+    dx = x / 16 - 1 - geometry.center[:, 0, None, None]  # [B, S, S] in half-image units
+    dy = y / 16 - 1 - geometry.center[:, 1, None, None]
+    cos, sin = geometry.angle.cos()[:, None, None], geometry.angle.sin()[:, None, None]
+    radius = geometry.scale[:, None, None]
+    u, v = (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius  # [B, S, S]
+
+    mask = torch.zeros(len(objects), *x.shape, dtype=torch.bool)
+    for index, shape in enumerate(SHAPES.values()):
+        chosen = objects == index
+        if chosen.any():
+            mask[chosen] = shape(u[chosen], v[chosen])
+    return _paint_masks(mask, styles, image_size)
+
+
 def render_seeds(objects: Sequence[int], styles: Sequence[int], seeds: Sequence[int], image_size: int = 32) -> Tensor:
     """`render` with the geometry of each seed (`sample_geometry`)."""
     return render(torch.tensor(objects), torch.tensor(styles), sample_geometry(seeds), image_size)
+
+
+def render_blobs(styles: Sequence[int], seeds: Sequence[int], image_size: int = 32) -> Tensor:
+    """Images with no object, `[B, 3, image_size, image_size]`: smooth random blobs (a uniform random field upsampled
+    bicubically, kept above the quantile that leaves a random `BLOB_COVERAGE` of the image) painted in `styles` like
+    a shape, empty canvases included. They teach the object classifier what a failed drawing looks like: trained
+    on shapes alone, it named every image of random noise "Cross" (64 of 64), so erasing Cross looked like failing."""
+    styles = torch.as_tensor(styles).long()
+    _check_styles(styles)
+    side = image_size * SUPERSAMPLE
+    draws = np.array([np.random.default_rng(seed).random(BLOB_FIELD**2 + 1) for seed in seeds])  # field, coverage
+    draws = draws.reshape(len(seeds), BLOB_FIELD**2 + 1)  # [B, BLOB_FIELD² + 1], float64
+    fields = torch.tensor(draws[:, :-1], dtype=torch.float32).view(-1, 1, BLOB_FIELD, BLOB_FIELD)  # [B, 1, F, F]
+    fields = F.interpolate(fields, size=(side, side), mode="bicubic", align_corners=True)[:, 0]  # [B, S, S]
+    low, high = BLOB_COVERAGE
+    coverage = torch.tensor(low + (high - low) * draws[:, -1], dtype=torch.float32)  # [B], scaled in float64
+    flat = fields.flatten(1)  # [B, S²]
+    ranks = ((1 - coverage) * (flat.shape[1] - 1)).round().long()  # the value that `coverage` of the field exceeds
+    thresholds = flat.sort(dim=1).values.gather(1, ranks[:, None])  # [B, 1]
+    return _paint_masks(fields > thresholds[:, :, None], styles, image_size)

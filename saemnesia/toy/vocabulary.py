@@ -14,6 +14,9 @@ TOY_OBJECTS = ("Circle", "Square", "Triangle", "Star", "Cross", "Heart", "Moon",
 TOY_STYLES = ("Pop_Art", "Blueprint", "Sunset", "Greenfield", "Mosaic", "Ink_Art", "Neon", "Pastel")
 """The styles, in classifier head order; each is a colour palette plus a texture or stroke treatment."""
 
+NO_OBJECT_LABEL = "No_Object"
+"""Object classifier label of an image that shows none of the shapes: what erasing an object may leave."""
+
 PLAIN_LABEL = "Plain"
 """Style classifier label of the plain rendering (a prompt without style), like UnlearnCanvas' `Seed_Images`."""
 
