@@ -35,8 +35,9 @@ SMALL_DATA = ["--data.init_args.objects=[Circle, Square]", "--data.init_args.sty
               "--data.init_args.seeds=[0]", "--model.init_args.num_steps=3", "--data.init_args.batch_size=8",
               *TINY_PIPELINE]
 STATS = "runs/toy/stats/concept_stats.safetensors"  # where the toy configs read the statistics
+# Erasing from the first of the 3 steps: the config's start step (2) would leave one step to change the images.
 UNLEARN = ["predict", "-c", str(REPO / "configs/toy/unlearn.yaml"), *SMALL_DATA, *QUIET,
-           "--data.init_args.targets=[Circle, Square, none]"]
+           "--data.init_args.targets=[Circle, Square, none]", "--model.init_args.erasure.start_step=0"]
 IMAGES = Path("runs/toy/unlearn/images")
 TOY_VOCABULARY = ConceptVocabulary(objects=("Circle", "Square", "Triangle", "Star"), styles=("Pop_Art", "Blueprint"))
 PROMPTS = {(obj, style): f"An image of {obj} in Pop Art style." if style else f"An image of {obj}."
