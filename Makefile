@@ -24,7 +24,7 @@ test: setup
 demo: setup
 	$(BIN)/python -m saemnesia.demo
 
-# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 57 min on 2 CPU cores.
+# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 58 min on 2 CPU cores.
 # The VAE and the text-to-image model train in two DDP processes of one thread each (faster than two threads on
 # 2 cores); the classifiers (one thread, which fixes their numerics) train beside the VAE, and both must succeed.
 toy-assets: setup

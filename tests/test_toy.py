@@ -134,7 +134,7 @@ def test_no_object_images_are_seeded_blobs_in_the_style():
     low, high = BLOB_COVERAGE
     assert coverage.min() >= low - 0.01 and coverage.max() <= high + 0.01
     assert coverage.max() > 0.8 * high and coverage.min() < low + 0.2 * (high - low)  # the whole range is used
-    with pytest.raises(ValueError, match="style indices"):
+    with pytest.raises(ValueError, match="render_blobs got style indices"):
         render_blobs([9], [0])
 
 

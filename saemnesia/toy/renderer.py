@@ -212,15 +212,15 @@ def _subpixels(image_size: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _check_styles(styles: Tensor) -> None:
+def _check_styles(styles: Tensor, caller: str) -> None:
     if not (((0 <= styles) & (styles < len(TOY_STYLES))) | (styles == NO_STYLE)).all():
-        raise ValueError(f"render got style indices {styles.tolist()}; expected 0..{len(TOY_STYLES) - 1} or "
+        raise ValueError(f"{caller} got style indices {styles.tolist()}; expected 0..{len(TOY_STYLES) - 1} or "
                          f"{NO_STYLE} (plain).")
 
 
-def _paint_masks(mask: Tensor, styles: Tensor, image_size: int) -> Tensor:
-    """Images `[B, 3, image_size, image_size]` of sub-pixel masks `[B, S, S]` painted in `styles` `[B]`."""
-    x, y = _subpixels(image_size)
+def _paint_masks(mask: Tensor, styles: Tensor, x: Tensor, y: Tensor, image_size: int) -> Tensor:
+    """Images `[B, 3, image_size, image_size]` of sub-pixel masks `[B, S, S]` painted in `styles` `[B]`; `x`, `y` are
+    `_subpixels(image_size)`."""
     image = torch.empty(len(mask), 3, *mask.shape[1:])
     for index, style in [(NO_STYLE, PLAIN), *enumerate(STYLES.values())]:
         chosen = styles == index
@@ -235,7 +235,7 @@ def render(objects: Tensor, styles: Tensor, geometry: Geometry, image_size: int 
     objects, styles = torch.as_tensor(objects).long(), torch.as_tensor(styles).long()
     if not ((0 <= objects) & (objects < len(TOY_OBJECTS))).all():
         raise ValueError(f"render got object indices {objects.tolist()}; expected 0..{len(TOY_OBJECTS) - 1}.")
-    _check_styles(styles)
+    _check_styles(styles, "render")
     x, y = _subpixels(image_size)
     # Into each shape's frame: translate, rotate by -angle, divide by the radius.
     dx = x / 16 - 1 - geometry.center[:, 0, None, None]  # [B, S, S] in half-image units
@@ -249,7 +249,7 @@ def render(objects: Tensor, styles: Tensor, geometry: Geometry, image_size: int 
         chosen = objects == index
         if chosen.any():
             mask[chosen] = shape(u[chosen], v[chosen])
-    return _paint_masks(mask, styles, image_size)
+    return _paint_masks(mask, styles, x, y, image_size)
 
 
 def render_seeds(objects: Sequence[int], styles: Sequence[int], seeds: Sequence[int], image_size: int = 32) -> Tensor:
@@ -263,15 +263,15 @@ def render_blobs(styles: Sequence[int], seeds: Sequence[int], image_size: int = 
     a shape, empty canvases included. They teach the object classifier what a failed drawing looks like: trained
     on shapes alone, it named every image of random noise "Cross" (64 of 64), so erasing Cross looked like failing."""
     styles = torch.as_tensor(styles).long()
-    _check_styles(styles)
-    side = image_size * SUPERSAMPLE
+    _check_styles(styles, "render_blobs")
+    x, y = _subpixels(image_size)
     draws = np.array([np.random.default_rng(seed).random(BLOB_FIELD**2 + 1) for seed in seeds])  # field, coverage
     draws = draws.reshape(len(seeds), BLOB_FIELD**2 + 1)  # [B, BLOB_FIELD² + 1], float64
     fields = torch.tensor(draws[:, :-1], dtype=torch.float32).view(-1, 1, BLOB_FIELD, BLOB_FIELD)  # [B, 1, F, F]
-    fields = F.interpolate(fields, size=(side, side), mode="bicubic", align_corners=True)[:, 0]  # [B, S, S]
+    fields = F.interpolate(fields, size=x.shape, mode="bicubic", align_corners=True)[:, 0]  # [B, S, S]
     low, high = BLOB_COVERAGE
     coverage = torch.tensor(low + (high - low) * draws[:, -1], dtype=torch.float32)  # [B], scaled in float64
     flat = fields.flatten(1)  # [B, S²]
     ranks = ((1 - coverage) * (flat.shape[1] - 1)).round().long()  # the value that `coverage` of the field exceeds
     thresholds = flat.sort(dim=1).values.gather(1, ranks[:, None])  # [B, 1]
-    return _paint_masks(fields > thresholds[:, :, None], styles, image_size)
+    return _paint_masks(fields > thresholds[:, :, None], styles, x, y, image_size)
