@@ -266,12 +266,23 @@ class ActivationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
+        return self._single_pass(self.val_urls, self.val_batches, "validation shards",
+                                 remedy="raise data.val_shards or data.val_fraction")
+
+    def train_pass_dataloader(self, max_batches: int | None = None) -> DataLoader:
+        """One pass over the training shards in order, each read once (no resampling, no shuffle), dealt to ranks
+        like validation, at most `max_batches` per process: estimates over the training set (the supervised
+        objective's concept assignment) weigh every image equally, where the resampled stream draws a few shards
+        several times and misses others."""
+        return self._single_pass(self.train_urls, max_batches, "training shards",
+                                 remedy="cache more shards or run fewer processes")
+
+    def _single_pass(self, urls: list[str], max_batches: int | None, what: str, remedy: str) -> DataLoader:
         rank, world = self._rank_and_world()
-        if len(self.val_urls) < world:
-            raise ValueError(f"{len(self.val_urls)} validation shards cannot give each of the {world} processes one; "
-                             "raise data.val_shards or data.val_fraction.")
-        shards = [wds.SimpleShardList(self.val_urls[rank::world]), wds.split_by_worker]
+        if len(urls) < world:
+            raise ValueError(f"{len(urls)} {what} cannot give each of the {world} processes one; {remedy}.")
+        shards = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker]
         stages = self._samples_and_batches(shards, epoch=None)
-        if self.val_batches is not None:
-            stages.append(partial(take_worker_share, total=self.val_batches))
+        if max_batches is not None:
+            stages.append(partial(take_worker_share, total=max_batches))
         return self._loader(wds.DataPipeline(*stages))

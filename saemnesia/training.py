@@ -90,7 +90,9 @@ class SAEModule(pl.LightningModule):
             supervised: Weights of the supervised loss.
             concept_latents: Explicit `{concept: latent}` or a `concept_latents.json` path; `None` = assign
                 greedily from importance scores of the starting SAE on `assignment_batches` training batches.
-            assignment_batches: Batches per process used to estimate the importance scores for the assignment.
+            assignment_batches: At most this many batches per process, read in one ordered pass over the training
+                shards (each image once), estimate the importance scores for the assignment. Too few make it a
+                draw: on ToyCanvas, 16 batches (about 100 images) gave Square a different latent with every seed.
             lr: Adam learning rate. Published: 4e-4 (unsupervised), 5e-6 (supervised).
             lr_schedule: `linear_decay` to 0 over `trainer.max_steps` (published unsupervised), `constant`
                 (published supervised) or `cosine` to 0.
@@ -130,10 +132,10 @@ class SAEModule(pl.LightningModule):
     # -- set-up ---------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.objective == "supervised" and self.concept_latents is None:
+            data, batches = self.trainer.datamodule, self.hparams.assignment_batches
             self.concept_latents = estimate_concept_latents(
-                self.sae, self.trainer.datamodule.train_dataloader(), self.vocabulary,
-                num_steps=self.trainer.datamodule.num_steps, num_batches=self.hparams.assignment_batches,
-                reduce=self._sum_over_ranks)
+                self.sae, data.train_pass_dataloader(batches), self.vocabulary, num_steps=data.num_steps,
+                num_batches=batches, reduce=self._sum_over_ranks)
 
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
         # Batches come as stored (float16): converting here, on the device, halves what the loader moves.

@@ -131,6 +131,22 @@ def test_validation_shards_partition_across_ranks_and_workers(shard_folder) -> N
     assert len(list(limited.val_dataloader())) == 2
 
 
+def test_training_pass_reads_every_training_sample_once(shard_folder) -> None:
+    folder, samples = shard_folder
+    single = ActivationDataModule(str(folder), batch_size=4, val_shards=2)
+    held_out = set(keys_of(single.val_dataloader()))
+    everything = keys_of(single.train_pass_dataloader())
+    assert sorted(everything) == sorted(set(samples) - held_out)  # each training sample once, no validation sample
+    assert keys_of(single.train_pass_dataloader()) == everything  # deterministic: no shuffling, no resampling
+    per_rank = []
+    for rank in range(2):
+        data = ActivationDataModule(str(folder), batch_size=4, val_shards=2, num_workers=2)
+        attach_trainer(data, rank=rank, world=2)
+        per_rank.append(keys_of(data.train_pass_dataloader()))
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(everything)
+    assert len(list(single.train_pass_dataloader(max_batches=3))) == 3
+
+
 def test_token_level_batches_hold_exactly_the_stored_tokens(shard_folder) -> None:
     folder, samples = shard_folder
     data = ActivationDataModule(str(folder), batch_size=10, token_level=True, val_shards=2, steps_per_epoch=3,

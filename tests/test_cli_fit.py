@@ -13,8 +13,10 @@ from helpers import write_synthetic_shards
 from safetensors.torch import load_file
 
 from cli import main
+from datamodules.activations import ActivationDataModule
 from saemnesia.concepts import load_concept_latents
 from saemnesia.sae import SparseAutoencoder
+from saemnesia.training import estimate_concept_latents
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKPOINT = "unet.mid_block"  # the synthetic shards' hookpoint
@@ -40,10 +42,14 @@ def test_toy_configs_fit_and_export_through_the_cli(toy_run):
     assert unsupervised.d_in == 8 and unsupervised.num_latents == 8 * 16  # d_in linked from the manifest
 
     run_cli("-c", str(REPO / "configs/toy/sae_supervised.yaml"), "--trainer.fast_dev_run=2",
-            "--model.init_args.assignment_batches=4")
+            "--data.init_args.batch_size=4")
     folder = toy_run / "runs/toy/sae_supervised" / HOOKPOINT
     latents = load_concept_latents(folder / "concept_latents.json")
     assert set(latents) == {"Bears", "Cats", "Dogs", "Cubism", "Monet"} and len(set(latents.values())) == 5
+    # The assignment read every training sample once (the config's 64 batches cover them), not the resampled stream.
+    data = ActivationDataModule("runs/toy/activations", batch_size=4, val_fraction=0.1)
+    whole_pass = data.train_pass_dataloader()
+    assert latents == estimate_concept_latents(unsupervised, whole_pass, data.vocabulary, data.num_steps, 10**6)
     supervised = SparseAutoencoder.load(folder)
     assert not torch.equal(supervised.W_dec, unsupervised.W_dec)  # fine-tuning started from, and moved, the SAE
 
