@@ -6,8 +6,12 @@ run is the `params` entry of its results (`{"percentile": p, "multiplier": m}`, 
 evaluator reads from the erasure settings the generation run recorded next to its images (`generation.json`).
 
 For each concept erased alone in some run, the selector keeps the candidate maximising `(UA_c + IRA_c) / 2`.
-Ties go to the smaller |multiplier| (the milder intervention), then to the larger percentile (fewer latents), then
-to the run name, so the choice never depends on the order runs are listed in.
+SPEC §5 leaves ties open. `ties="milder"` (the default) gives them to the smaller |multiplier|, then to the larger
+percentile (fewer latents); `ties="stronger"` to the larger |multiplier|, then to the smaller percentile. Either way
+the run name decides last, so the choice never depends on the order runs are listed in. With a few validation
+images per concept, ties are the rule rather than the exception: every multiplier past some strength erases all of
+them at the same measured collateral, and the mildest of those is the likeliest to miss the concept's other
+images (measured on ToyCanvas: README "The demo on ToyCanvas").
 
 As a callback of the sweep's `test` runs it reselects after every evaluation, from all complete runs so far
 (runs without `results.json` are skipped with a warning): the last run of the sweep leaves the final choice.
@@ -17,13 +21,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from saemnesia.class_params import ConceptParams, save_class_params, validate_class_params
 from saemnesia.evaluation import RESULTS_JSON
+
+Ties = Literal["milder", "stronger"]
+
+
+def check_ties(ties: str) -> None:
+    if ties not in ("milder", "stronger"):
+        raise ValueError(f"ClassParamsSelector.ties must be 'milder' or 'stronger', got {ties!r}.")
 
 
 class Candidate(NamedTuple):
@@ -38,10 +49,13 @@ class Candidate(NamedTuple):
     def score(self) -> float:
         return (self.UA + self.IRA) / 2
 
-    def rank(self) -> tuple[float, float, float, str]:
-        """Sort key, best first: highest score, then smallest |multiplier|, largest percentile, run name."""
+    def rank(self, ties: Ties = "milder") -> tuple[float, float, float, str]:
+        """Sort key, best first: highest score, then (`milder`) smallest |multiplier| and largest percentile, or
+        (`stronger`) the reverse, then run name."""
+        sign = 1 if ties == "milder" else -1
         # Rounded so that equal fractions summed in another order still tie.
-        return (-round(self.score, 12), abs(self.params["multiplier"]), -self.params["percentile"], self.run)
+        return (-round(self.score, 12), sign * abs(self.params["multiplier"]), -sign * self.params["percentile"],
+                self.run)
 
 
 def read_sweep(sweep_dir: str | Path) -> dict[str, list[Candidate]]:
@@ -71,27 +85,30 @@ def read_sweep(sweep_dir: str | Path) -> dict[str, list[Candidate]]:
     return candidates
 
 
-def select_class_params(sweep_dir: str | Path) -> dict[str, ConceptParams]:
+def select_class_params(sweep_dir: str | Path, ties: Ties = "milder") -> dict[str, ConceptParams]:
     """The best candidate of each concept (module docstring), in concept name order."""
-    return {concept: min(options, key=Candidate.rank).params
+    check_ties(ties)
+    return {concept: min(options, key=lambda candidate: candidate.rank(ties)).params
             for concept, options in sorted(read_sweep(sweep_dir).items())}
 
 
 class ClassParamsSelector(pl.Callback):
     """After a `test` run, writes the class_params chosen from all complete runs of a sweep."""
 
-    def __init__(self, sweep_dir: str, outputs: list[str]):
+    def __init__(self, sweep_dir: str, outputs: list[str], ties: Ties = "milder"):
         """
         Args:
             sweep_dir: Folder of the sweep's run folders, each with the `results.json` of one evaluation.
             outputs: Files to write the choice to: `.json` and/or `.pth` (the published `torch.save` layout).
+            ties: Which of equally scored candidates wins: the `milder` or the `stronger` intervention.
         """
         if not outputs:
             raise ValueError("ClassParamsSelector.outputs must name at least one .json or .pth file.")
         bad = [output for output in outputs if Path(output).suffix not in (".json", ".pth")]
         if bad:
             raise ValueError(f"ClassParamsSelector.outputs {bad} must end in .json or .pth.")
-        self.sweep_dir, self.outputs = Path(sweep_dir), [Path(output) for output in outputs]
+        check_ties(ties)
+        self.sweep_dir, self.outputs, self.ties = Path(sweep_dir), [Path(output) for output in outputs], ties
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The evaluator has written this run's results at the end of the test epoch, before this hook.
@@ -99,7 +116,7 @@ class ClassParamsSelector(pl.Callback):
             self.select()
 
     def select(self) -> dict[str, ConceptParams]:
-        chosen = select_class_params(self.sweep_dir)
+        chosen = select_class_params(self.sweep_dir, self.ties)
         for output in self.outputs:
             save_class_params(output, chosen)
         rank_zero_info(f"class_params of {len(chosen)} concepts from {self.sweep_dir} → "

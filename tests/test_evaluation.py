@@ -223,6 +223,17 @@ def test_class_params_selector_keeps_the_best_mean_of_ua_and_ira(tmp_path):
                 "Cubism": {"percentile": 99.999, "multiplier": -5.0}}
     assert chosen == expected
     assert load_class_params(tmp_path / "class_params.json") == expected == load_class_params(tmp_path / "cp.pth")
+    # `stronger` breaks Cubism's three-way tie the other way: the larger |multiplier| (-10), while Bears' best score
+    # still wins outright; between equal multipliers it takes the smaller percentile (more latents).
+    with pytest.warns(UserWarning, match="skipped"):
+        assert select_class_params(sweep, ties="stronger") == {
+            "Bears": {"percentile": 99.999, "multiplier": -10.0}, "Cubism": {"percentile": 99.999, "multiplier": -10.0}}
+    write_run(sweep, "p9999_m10", {"percentile": 99.99, "multiplier": -10.0}, {}, {"Cubism": (0.5, 1.0)})
+    with pytest.warns(UserWarning, match="skipped"):
+        assert select_class_params(sweep, ties="stronger")["Cubism"] == {"percentile": 99.99, "multiplier": -10.0}
+        assert select_class_params(sweep)["Cubism"] == {"percentile": 99.999, "multiplier": -5.0}
+    with pytest.raises(ValueError, match="ClassParamsSelector.ties must be 'milder' or 'stronger', got 'random'"):
+        ClassParamsSelector(str(sweep), ["cp.json"], ties="random")
 
     (sweep / "m20").rmdir()
     write_run(sweep, "broken", None, {"Bears": (1.0, 1.0)})
