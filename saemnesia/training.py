@@ -262,7 +262,8 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
     """SPEC §2.2 steps 1-3 on training batches: importance of every concept per step with the starting SAE,
     averaged over the steps every concept was seen at, then the greedy assignment.
 
-    Samples are (image, step) pairs drawn at random, so images per (concept, step) differ: each step's
+    `SAEModule` passes the ordered training pass (`ActivationDataModule.train_pass_dataloader`). Images per
+    (concept, step) can still differ (a cap stops mid-pass, a run may keep only some steps), so each step's
     statistics weight the concepts by that step's own counts.
     """
     num_objects, num_concepts = len(vocabulary.objects), len(vocabulary.concepts)
