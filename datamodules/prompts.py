@@ -67,7 +67,7 @@ class PromptDataModule(pl.LightningDataModule):
                  styles: list[str] | None = None, include_plain: bool = True, anchor_prompts: str | None = None,
                  prompts_per_object: int | None = None, template: str = "An image of {object}",
                  seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
-                 limit: int | None = None, pairing: Literal["all", "anchor_i_style_i", "seed_i_style_i"] = "all",
+                 limit: int | None = None, pairing: Literal["all", "anchor_i_style_i"] = "all",
                  targets: list[str] | None = None, sequential: list[str] | None = None,
                  sequential_steps: list[int] | None = None, batch_size: int = 4, num_workers: int = 0):
         """
@@ -86,10 +86,7 @@ class PromptDataModule(pl.LightningDataModule):
             shuffle_seed: Seed of that shuffle.
             limit: Keep only the first n items (after the shuffle: a random subset); `None` = all.
             pairing: `all` renders every subject with every style; `anchor_i_style_i` renders subject i of each
-                object with style i only (the multiplier search's validation set, SPEC §5), plus plain if asked;
-                `seed_i_style_i` gives each seed of a subject one style, in turn (plain, if asked, is one of the
-                turns), continuing from object to object: the same idea for template prompts, which have one
-                subject per object.
+                object with style i only (the multiplier search's validation set, SPEC §5), plus plain if asked.
             targets: Erasure targets, each repeating every prompt with that concept erased (SPEC §6: every object,
                 or every style for style unlearning); `none` repeats them without erasure (the baseline).
                 `None` (and no `sequential`): one copy without erasure, as caching and statistics want.
@@ -114,8 +111,8 @@ class PromptDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
         if prompts_per_object is not None and anchor_prompts is None:
             raise ValueError("data.prompts_per_object selects anchor prompts; it needs data.anchor_prompts.")
-        if pairing not in ("all", "anchor_i_style_i", "seed_i_style_i"):
-            raise ValueError(f"data.pairing must be 'all', 'anchor_i_style_i' or 'seed_i_style_i', got {pairing!r}.")
+        if pairing not in ("all", "anchor_i_style_i"):
+            raise ValueError(f"data.pairing must be 'all' or 'anchor_i_style_i', got {pairing!r}.")
         erasures = erasure_targets(vocabulary, targets, sequential, sequential_steps)
         self.vocabulary = ConceptVocabulary(
             objects=tuple(name for name in vocabulary.objects if objects is None or name in objects),
@@ -149,38 +146,20 @@ class PromptDataModule(pl.LightningDataModule):
     def _items(self, subjects: dict[str, list[str]], include_plain: bool, seeds: tuple[int, ...],
                pairing: str) -> list[PromptItem]:
         plain: list[str | None] = [None] if include_plain else []
-        styles = self.vocabulary.styles
+        styles, paired = self.vocabulary.styles, pairing == "anchor_i_style_i"
         most = max(map(len, subjects.values()), default=0)
-        if pairing == "anchor_i_style_i" and most > len(styles):
+        if paired and most > len(styles):
             raise ValueError(f"data.pairing=anchor_i_style_i pairs prompt i with style i, but {most} prompts per "
                              f"object exceed the {len(styles)} styles; lower data.prompts_per_object.")
-        if pairing == "seed_i_style_i" and not [*styles, *plain]:
-            raise ValueError("data.pairing=seed_i_style_i deals styles to seeds; select styles or plain prompts.")
-        items = []
-        for position, (obj, lines) in enumerate(subjects.items()):
-            for index, subject in enumerate(lines):
-                for style, seed in self._styles_and_seeds(pairing, styles, plain, index, seeds, position):
-                    items.append(PromptItem(prompt_id(obj, style, index, seed), styled_prompt(subject, style), obj,
-                                            style, seed))
+        items = [PromptItem(prompt_id(obj, style, index, seed), styled_prompt(subject, style), obj, style, seed)
+                 for obj, lines in subjects.items() for index, subject in enumerate(lines)
+                 for style in [*(styles[index:index + 1] if paired else styles), *plain] for seed in seeds]
         counts = Counter(item.prompt_id for item in items)
         bad = sorted(i for i, count in counts.items() if count > 1 or "." in i or "/" in i)
         if bad:
             raise ValueError(f"Prompt ids {bad[:5]} are repeated or contain '.' or '/'; object and style names "
                              f"must not contain '.', '/', '-' nor be {PLAIN!r}.")
         return items
-
-    @staticmethod
-    def _styles_and_seeds(pairing: str, styles: tuple[str, ...], plain: list[None], index: int,
-                          seeds: tuple[int, ...], position: int) -> list[tuple[str | None, int]]:
-        """The (style, seed) pairs of subject `index` of the object at `position` (in the selection's order)."""
-        if pairing == "all":
-            return [(style, seed) for style in [*styles, *plain] for seed in seeds]
-        if pairing == "anchor_i_style_i":
-            return [(style, seed) for style in [*styles[index:index + 1], *plain] for seed in seeds]
-        # seed_i_style_i: each object's seeds take the next style slots (plain is the last), continuing where the
-        # previous object's stopped, so that a few seeds per object cover every style about equally often.
-        slots, start = [*styles, *plain], position * len(seeds)
-        return [(slots[(start + i) % len(slots)], seed) for i, seed in enumerate(seeds)]
 
     def exclude(self, stored: Collection[str], key: Callable[[PromptItem], str] = attrgetter("prompt_id")) -> int:
         """Leave out items whose `key` (by default the prompt id; an image writer passes the item's file name) is in

@@ -73,21 +73,14 @@ def test_anchor_prompts_with_styles_plain_and_prompts_per_object(tmp_path):
     assert len(PromptDataModule(VOCABULARY, anchor_prompts=str(folder)).items) == (3 + 1 + 2) * 3
 
 
-def test_pairings_deal_styles_to_anchor_prompts_and_to_seeds(tmp_path):
+def test_anchor_i_style_i_pairs_each_anchor_prompt_with_one_style(tmp_path):
     folder = write_anchor_folder(tmp_path / "anchors", {"Bears": ["A bear.", "Two bears."], "Cats": ["A cat."]})
     anchored = PromptDataModule(VOCABULARY, objects=["Bears", "Cats"], anchor_prompts=str(folder),
                                 pairing="anchor_i_style_i")
     assert [item.prompt_id for item in anchored.items] == [  # prompt i with style i, and every prompt plainly
         "Bears-Cubism-000-s188", "Bears-plain-000-s188", "Bears-Van_Gogh-001-s188", "Bears-plain-001-s188",
         "Cats-Cubism-000-s188", "Cats-plain-000-s188"]
-    # Seeds take the slots Cubism, Van_Gogh, plain in turn, each object continuing where the previous one stopped.
-    by_seed = PromptDataModule(VOCABULARY, seeds=(5, 6), pairing="seed_i_style_i")
-    assert [(item.object, item.style, item.seed) for item in by_seed.items] == [
-        ("Bears", "Cubism", 5), ("Bears", "Van_Gogh", 6), ("Cats", None, 5), ("Cats", "Cubism", 6),
-        ("Dogs", "Van_Gogh", 5), ("Dogs", None, 6)]
-    assert by_seed.items[2].prompt == "An image of Cats."
-    plain_only = PromptDataModule(VOCABULARY, styles=[], seeds=(5, 6), pairing="seed_i_style_i")
-    assert plain_only.items == PromptDataModule(VOCABULARY, styles=[], seeds=(5, 6)).items
+    assert anchored.items[2].prompt == "Two bears in Van Gogh style."
 
 
 def test_excluded_items_are_not_batched_and_batches_keep_the_order():
@@ -124,9 +117,7 @@ def test_bad_selections_fail_with_one_sentence(tmp_path):
         PromptDataModule(VOCABULARY, seeds=(1, 1))
     with pytest.raises(ValueError, match="The prompt selection is empty"):
         PromptDataModule(VOCABULARY, styles=[], include_plain=False)
-    with pytest.raises(ValueError, match="data.pairing=seed_i_style_i deals styles to seeds; select styles or plain"):
-        PromptDataModule(VOCABULARY, styles=[], include_plain=False, pairing="seed_i_style_i")
-    with pytest.raises(ValueError, match="data.pairing must be 'all', 'anchor_i_style_i' or 'seed_i_style_i'"):
+    with pytest.raises(ValueError, match="data.pairing must be 'all' or 'anchor_i_style_i', got 'diagonal'"):
         PromptDataModule(VOCABULARY, pairing="diagonal")
     clashing = ConceptVocabulary(objects=("A", "A-B"), styles=("C", "B-C"))  # A + B-C and A-B + C give one id
     with pytest.raises(ValueError, match=r"Prompt ids \['A-B-C-000-s188'\] are repeated or contain '\.' or '/'"):
