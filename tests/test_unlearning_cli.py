@@ -35,7 +35,7 @@ SMALL_DATA = ["--data.init_args.objects=[Circle, Square]", "--data.init_args.sty
               "--data.init_args.seeds=[0]", "--model.init_args.num_steps=3", "--data.init_args.batch_size=8",
               *TINY_PIPELINE]
 STATS = "runs/toy/stats/concept_stats.safetensors"  # where the toy configs read the statistics
-# Erasing from the first of the 3 steps: the config's start step (2) would leave one step to change the images.
+# Erasing from the first of the 3 steps: the config's start step (4) lies beyond these short runs.
 UNLEARN = ["predict", "-c", str(REPO / "configs/toy/unlearn.yaml"), *SMALL_DATA, *QUIET,
            "--data.init_args.targets=[Circle, Square, none]", "--model.init_args.erasure.start_step=0"]
 IMAGES = Path("runs/toy/unlearn/images")
