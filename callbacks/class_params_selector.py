@@ -11,7 +11,7 @@ percentile (fewer latents); `ties="stronger"` to the larger |multiplier|, then t
 the run name decides last, so the choice never depends on the order runs are listed in. With a few validation
 images per concept, ties are the rule rather than the exception: every multiplier past some strength erases all of
 them at the same measured collateral, and the mildest of those is the likeliest to miss the concept's other
-images (measured on ToyCanvas: README "The demo on ToyCanvas").
+images (measured on ToyCanvas: docs/toycanvas.md, "Ties").
 
 As a callback of the sweep's `test` runs it reselects after every evaluation, from all complete runs so far
 (runs without `results.json` are skipped with a warning): the last run of the sweep leaves the final choice.

@@ -81,7 +81,7 @@ class DemoSetting:
     search_ties: Literal["milder", "stronger"] = "stronger"
     """`ClassParamsSelector.ties` of both searches. Their validation sets are small (16 images per target), so many
     multipliers tie; taking the milder one, the supervised SAE's UA / IRA / CRA are 84.7 / 95.6 / 96.1 instead of
-    95.8 / 93.5 / 91.8 (README, the demo)."""
+    95.8 / 93.5 / 91.8 (docs/toycanvas.md, "Ties")."""
 
     @property
     def erased(self) -> tuple[str, ...]:
