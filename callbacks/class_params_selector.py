@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -33,8 +33,8 @@ Ties = Literal["milder", "stronger"]
 
 
 def check_ties(ties: str) -> None:
-    if ties not in ("milder", "stronger"):
-        raise ValueError(f"ClassParamsSelector.ties must be 'milder' or 'stronger', got {ties!r}.")
+    if ties not in get_args(Ties):
+        raise ValueError(f"ClassParamsSelector.ties must be one of {list(get_args(Ties))}, got {ties!r}.")
 
 
 class Candidate(NamedTuple):

@@ -18,8 +18,8 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
+from callbacks.class_params_selector import Ties
 from cli import main as cli_main
 from saemnesia.class_params import SAEMNESIA_MULTIPLIERS, SAEMNESIA_PERCENTILE, ConceptParams, top_latents_percentile
 from saemnesia.concepts import NO_ERASURE
@@ -78,7 +78,7 @@ class DemoSetting:
     """SAEmnesia's search: one run per multiplier at percentile 99.999 (one latent)."""
     baseline_grid: tuple[ConceptParams, ...] = SAEURON_DEMO_GRID
     """The unsupervised baseline's search: one run per `{percentile, multiplier}`."""
-    search_ties: Literal["milder", "stronger"] = "stronger"
+    search_ties: Ties = "stronger"
     """`ClassParamsSelector.ties` of both searches. Their validation sets are small (16 images per target), so many
     multipliers tie; taking the milder one, the supervised SAE's UA / IRA / CRA are 84.7 / 95.6 / 96.1 instead of
     95.8 / 93.5 / 91.8 (docs/toycanvas.md, "Ties")."""

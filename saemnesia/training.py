@@ -7,6 +7,7 @@ objective, the dead-latent counters and the concept → latent assignment, all o
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -257,19 +258,19 @@ def concept_hit_rates(logits: Tensor, objects: Tensor, styles: Tensor, num_objec
 
 @torch.no_grad()
 def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str, Tensor]],
-                             vocabulary: ConceptVocabulary, num_steps: int, num_batches: int,
+                             vocabulary: ConceptVocabulary, num_steps: int, num_batches: int | None = None,
                              reduce: Reduce | None = None) -> dict[str, int]:
     """SPEC §2.2 steps 1-3 on training batches: importance of every concept per step with the starting SAE,
     averaged over the steps every concept was seen at, then the greedy assignment.
 
     `SAEModule` passes the ordered training pass (`ActivationDataModule.train_pass_dataloader`). Images per
     (concept, step) can still differ (a cap stops mid-pass, a run may keep only some steps), so each step's
-    statistics weight the concepts by that step's own counts.
+    statistics weight the concepts by that step's own counts. `num_batches` caps any iterable (`None`: all of it).
     """
     num_objects, num_concepts = len(vocabulary.objects), len(vocabulary.concepts)
     sums = torch.zeros(num_concepts, num_steps, sae.num_latents, dtype=torch.float64, device=sae.W_dec.device)
     counts = torch.zeros(num_concepts, num_steps, dtype=torch.float64, device=sae.W_dec.device)
-    for index, batch in zip(range(num_batches), batches):
+    for batch in itertools.islice(batches, num_batches):
         x = batch["act"].to(sae.W_dec.device, sae.W_dec.dtype)  # [B, N, d], delivered as stored (float16)
         acts, indices = sae.pre_acts(x).topk(sae.cfg.k, dim=-1)  # per-token TopK, as fine-tuning uses
         codes = torch.zeros(*x.shape[:2], sae.num_latents, device=x.device).scatter_(-1, indices, acts)
@@ -284,7 +285,7 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
         sums, counts = reduce(sums), reduce(counts)
     seen = (counts > 0).all(0)  # steps at which every concept has samples
     if not seen.any():
-        raise ValueError(f"The {num_batches} assignment batches (model.assignment_batches) do not show every concept "
+        raise ValueError(f"The assignment batches (model.assignment_batches={num_batches}) do not show every concept "
                          f"of {vocabulary.concepts} at one step; raise it or give model.concept_latents.")
     scores = torch.stack([
         ConceptStats(vocabulary.concepts, (sums[:, t] / counts[:, t, None])[:, None], counts[:, t].long())

@@ -49,7 +49,7 @@ def test_toy_configs_fit_and_export_through_the_cli(toy_run):
     # The assignment read every training sample once (the config's 64 batches cover them), not the resampled stream.
     data = ActivationDataModule("runs/toy/activations", batch_size=4, val_fraction=0.1)
     whole_pass = data.train_pass_dataloader()
-    assert latents == estimate_concept_latents(unsupervised, whole_pass, data.vocabulary, data.num_steps, 10**6)
+    assert latents == estimate_concept_latents(unsupervised, whole_pass, data.vocabulary, data.num_steps)
     supervised = SparseAutoencoder.load(folder)
     assert not torch.equal(supervised.W_dec, unsupervised.W_dec)  # fine-tuning started from, and moved, the SAE
 

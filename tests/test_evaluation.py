@@ -232,7 +232,8 @@ def test_class_params_selector_keeps_the_best_mean_of_ua_and_ira(tmp_path):
     with pytest.warns(UserWarning, match="skipped"):
         assert select_class_params(sweep, ties="stronger")["Cubism"] == {"percentile": 99.99, "multiplier": -10.0}
         assert select_class_params(sweep)["Cubism"] == {"percentile": 99.999, "multiplier": -5.0}
-    with pytest.raises(ValueError, match="ClassParamsSelector.ties must be 'milder' or 'stronger', got 'random'"):
+    with pytest.raises(ValueError,
+                       match=r"ClassParamsSelector.ties must be one of \['milder', 'stronger'\], got 'random'"):
         ClassParamsSelector(str(sweep), ["cp.json"], ties="random")
 
     (sweep / "m20").rmdir()
