@@ -40,7 +40,7 @@ def item_concepts(item: PromptItem, object_prompts: ObjectPrompts) -> list[str]:
 @torch.no_grad()
 def token_mean_codes(sae: SparseAutoencoder, tokens: Tensor) -> Tensor:
     """The per-token TopK code of `tokens` `[B, N, d]` averaged over the N tokens: `[B, L]`."""
-    acts, indices = sae.pre_acts(tokens).topk(sae.cfg.k, dim=-1, sorted=False)  # [B, N, k]
+    acts, indices = sae.encode(tokens)  # [B, N, k]
     batch, num_tokens = tokens.shape[:2]
     sums = acts.new_zeros(batch, sae.num_latents)
     sums.scatter_add_(1, indices.flatten(1), acts.flatten(1))  # [B, L] from [B, N·k] values

@@ -118,7 +118,7 @@ class SupervisedLoss:
         pre_relu = sae.pre_relu_acts(x)  # [B, N, L]
         dense = F.relu(pre_relu)  # A: the dense pre-TopK code
         # Fine-tuning always uses per-token TopK, whatever the pre-trained SAE used (SPEC §2.2).
-        top_acts, top_indices = dense.topk(sae.cfg.k, dim=-1, sorted=False)  # [B, N, k]
+        top_acts, top_indices = sae.topk(dense)  # [B, N, k]
         x_hat = sae.decode(top_acts, top_indices)  # [B, N, d]
         reconstruction = (x_hat - x).pow(2).mean()
 

@@ -99,24 +99,29 @@ class SparseAutoencoder(nn.Module):
         """Dense post-ReLU activations before TopK: `[..., L]`."""
         return F.relu(self.pre_relu_acts(x))
 
-    def select_topk(self, pre_acts: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
-        """Sparsify dense activations `[..., L]` with this SAE's TopK variant; returns `(acts, indices)`."""
-        k = k or self.cfg.k
+    def topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token TopK of dense activations `[..., L]`: the k largest of each token, `(acts, indices)` `[..., k]`."""
+        return pre_acts.topk(self.cfg.k, dim=-1, sorted=False)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference code of `x [..., d]`: per-token TopK `(top_acts, top_indices)`, each `[..., k]`, whatever TopK
+        variant the SAE was trained with (batch and sample TopK make a token's code depend on its batch)."""
+        return self.topk(self.pre_acts(x))
+
+    def training_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparsify dense activations `[..., L]` with the TopK variant of `cfg` (per token, batch or sample), as
+        unsupervised training uses it; returns `(acts, indices)` `[..., K]`."""
         if not (self.cfg.batch_topk or self.cfg.sample_topk):
-            return pre_acts.topk(k, dim=-1, sorted=False)
+            return self.topk(pre_acts)
         if self.cfg.batch_topk:
             pools = pre_acts.reshape(1, -1, self.num_latents)  # [1, N, L]: the whole batch is one pool
-            acts, indices = _pooled_topk(pools, k * pools.shape[1])
+            acts, indices = _pooled_topk(pools, self.cfg.k * pools.shape[1])
         else:
             if pre_acts.ndim < 3:
                 raise ValueError(f"sample_topk needs inputs shaped [B, N, d]; got {pre_acts.ndim - 1} dims before L.")
             pools = pre_acts.reshape(-1, pre_acts.shape[-2], self.num_latents)  # [B, N, L]
-            acts, indices = _pooled_topk(pools, k)
+            acts, indices = _pooled_topk(pools, self.cfg.k)
         return acts.reshape(*pre_acts.shape[:-1], -1), indices.reshape(*pre_acts.shape[:-1], -1)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """TopK code of `x [..., d]`: `(top_acts, top_indices)`, each `[..., K]`."""
-        return self.select_topk(self.pre_acts(x))
 
     # -- decoding -------------------------------------------------------------------------------------------
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
@@ -140,7 +145,7 @@ class SparseAutoencoder(nn.Module):
         centered = x - self.b_dec  # [..., d]: the encoder's input, differentiable in both modes
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             pre_acts = F.relu(self.encoder(centered))  # [..., L]
-        top_acts, top_indices = self.select_topk(pre_acts)
+        top_acts, top_indices = self.training_topk(pre_acts)
         top_acts = self._with_encoder_grad(top_acts, top_indices, centered, sparse)
         sae_out = self.decode(top_acts, top_indices)
 

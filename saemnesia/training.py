@@ -272,7 +272,7 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
     counts = torch.zeros(num_concepts, num_steps, dtype=torch.float64, device=sae.W_dec.device)
     for batch in itertools.islice(batches, num_batches):
         x = batch["act"].to(sae.W_dec.device, sae.W_dec.dtype)  # [B, N, d], delivered as stored (float16)
-        acts, indices = sae.pre_acts(x).topk(sae.cfg.k, dim=-1)  # per-token TopK, as fine-tuning uses
+        acts, indices = sae.encode(x)  # [B, N, k], per-token TopK as fine-tuning uses
         codes = torch.zeros(*x.shape[:2], sae.num_latents, device=x.device).scatter_(-1, indices, acts)
         codes_mean = codes.mean(1).double()  # [B, L]: token-averaged code per sample
         steps = batch["step"].to(x.device)

@@ -132,7 +132,7 @@ class ConceptEraser:
         batch, channels, height, width = hidden.shape
         tokens = hidden.flatten(2).transpose(1, 2)  # [B, H·W, C]
         sae_dtype = self.sae.W_dec.dtype
-        acts, indices = self.sae.pre_acts(tokens.to(sae_dtype)).topk(self.sae.cfg.k, dim=-1, sorted=False)  # [B, N, k]
+        acts, indices = self.sae.encode(tokens.to(sae_dtype))  # [B, N, k]
         change = self._change(acts, indices, step)  # [B, N, C]
         if self.error_mode == "exact":
             out = tokens + change

@@ -42,7 +42,7 @@ def test_per_token_topk_keeps_the_k_largest_and_decodes_like_dense():
 def test_batch_topk_keeps_k_times_n_largest_over_the_batch():
     sae = make_sae(batch_topk=True)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
-    acts, indices = sae.encode(x)
+    acts, indices = sae.training_topk(sae.pre_acts(x))
     dense = dense_code(acts, indices, 24)  # [2, 5, 24]
     pre = naive_pre_acts(sae, x.reshape(10, 6))
     threshold = pre.flatten().sort(descending=True).values[3 * 10 - 1]
@@ -53,13 +53,28 @@ def test_batch_topk_keeps_k_times_n_largest_over_the_batch():
 def test_sample_topk_keeps_k_per_sample():
     sae = make_sae(sample_topk=True)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
-    dense = dense_code(*sae.encode(x), 24)  # [3, 4, 24]
+    dense = dense_code(*sae.training_topk(sae.pre_acts(x)), 24)  # [3, 4, 24]
     for sample in range(3):
         pre = naive_pre_acts(sae, x[sample])
         threshold = pre.flatten().sort(descending=True).values[2]
         torch.testing.assert_close(dense[sample], torch.where(pre >= threshold, pre, 0.0))
     with pytest.raises(ValueError, match="sample_topk needs inputs shaped"):
-        sae.encode(x[0, 0])
+        sae.training_topk(sae.pre_acts(x[0, 0]))
+
+
+@pytest.mark.parametrize("variant", ["batch_topk", "sample_topk"])
+def test_encode_is_per_token_whatever_the_training_variant(variant):
+    """An SAE trained with batch or sample TopK still encodes each token alone: its code does not depend on the
+    other tokens of the call."""
+    sae = make_sae(**{variant: True})
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    acts, indices = sae.encode(x)
+    assert acts.shape == indices.shape == (2, 5, 3)
+    pre = naive_pre_acts(sae, x.reshape(10, 6))
+    for token, (token_acts, token_indices) in enumerate(zip(acts.reshape(10, 3), indices.reshape(10, 3))):
+        expected = pre[token].sort(descending=True)
+        assert sorted(token_acts.tolist(), reverse=True) == pytest.approx(expected.values[:3].tolist())
+        assert set(token_indices.tolist()) == set(expected.indices[:3].tolist())
 
 
 def test_fvu_and_multi_topk_against_float64_reference():
