@@ -21,7 +21,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
 from datamodules.prompts import PromptDataModule
 from saemnesia.generation import GenerationOutput, HookedDiffusion, PromptItem
@@ -35,16 +34,6 @@ def item_concepts(item: PromptItem, object_prompts: ObjectPrompts) -> list[str]:
     """The concepts whose statistics an image counts for: its style if styled, its object if plain (or always)."""
     counts_for_object = item.style is None or object_prompts == "all"
     return [*([item.object] if counts_for_object else []), *([item.style] if item.style is not None else [])]
-
-
-@torch.no_grad()
-def token_mean_codes(sae: SparseAutoencoder, tokens: Tensor) -> Tensor:
-    """The per-token TopK code of `tokens` `[B, N, d]` averaged over the N tokens: `[B, L]`."""
-    acts, indices = sae.encode(tokens)  # [B, N, k]
-    batch, num_tokens = tokens.shape[:2]
-    sums = acts.new_zeros(batch, sae.num_latents)
-    sums.scatter_add_(1, indices.flatten(1), acts.flatten(1))  # [B, L] from [B, N·k] values
-    return sums / num_tokens
 
 
 class ConceptStatsCallback(pl.Callback):
@@ -102,7 +91,7 @@ class ConceptStatsCallback(pl.Callback):
         concept_ids = self.accumulator.concept_ids([concept for _, concept in pairs])  # [P]
         for position, step in enumerate(outputs.steps):
             tokens = outputs.activations[:, position].to(self.sae.W_dec.device, self.sae.W_dec.dtype)  # [B, N, C]
-            self.accumulator.update(concept_ids, step, token_mean_codes(self.sae, tokens)[rows])  # [P, L]
+            self.accumulator.update(concept_ids, step, self.sae.mean_code(tokens)[rows])  # [P, L]
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion) -> None:
         self.accumulator.all_reduce()

@@ -108,6 +108,14 @@ class SparseAutoencoder(nn.Module):
         variant the SAE was trained with (batch and sample TopK make a token's code depend on its batch)."""
         return self.topk(self.pre_acts(x))
 
+    def mean_code(self, x: Tensor) -> Tensor:
+        """The inference code of each sample's tokens `x [B, N, d]` averaged over its N tokens: `[B, L]`, scattered
+        from the k values per token (the dense `[B, N, L]` code is never formed)."""
+        acts, indices = self.encode(x)  # [B, N, k]
+        sums = acts.new_zeros(x.shape[0], self.num_latents)
+        sums.scatter_add_(1, indices.flatten(1), acts.flatten(1))  # [B, L] from [B, N·k] values
+        return sums / x.shape[1]
+
     def training_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """Sparsify dense activations `[..., L]` with the TopK variant of `cfg` (per token, batch or sample), as
         unsupervised training uses it; returns `(acts, indices)` `[..., K]`."""

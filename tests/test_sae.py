@@ -220,3 +220,10 @@ def test_bfloat16_autocast_and_bfloat16_weights_train_close_to_float64(encoder_b
             assert gradients[name].dtype == dtype
             error = (gradients[name].double() - expected[name]).norm() / expected[name].norm()
             assert error < 0.1, (name, error)
+
+
+def test_mean_code_is_the_token_average_of_the_dense_code():
+    sae = make_sae(batch_topk=True)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    expected = dense_code(*sae.encode(x), 24).mean(dim=1)  # [2, 24]
+    torch.testing.assert_close(sae.mean_code(x), expected)
