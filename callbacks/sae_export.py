@@ -2,21 +2,27 @@
 
 Lightning checkpoints hold the whole training state; the rest of the workflow (statistics, erasure) and the
 published code read the SAE folder format of SPEC §7 instead: `<dirpath>/<hookpoint>/cfg.json`,
-`sae.safetensors` and, after supervised training, `concept_latents.json`.
+`sae.safetensors` and, after supervised training, `concept_latents.json`. The folder is rewritten at every
+checkpoint, so `fit_complete.json` (`FIT_COMPLETE`) is what tells a finished run's export from an interrupted one's:
+it is removed when fitting starts and written after the final export.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from saemnesia.concepts import save_concept_latents
+from saemnesia.io import atomic_write_text
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.training import SAEModule
 
 CONCEPT_LATENTS_FILE = "concept_latents.json"
+FIT_COMPLETE = "fit_complete.json"
+"""Written into the export folder when fitting ended: the exported SAE is the run's product, not an intermediate."""
 
 
 class SaeExport(pl.Callback):
@@ -30,6 +36,10 @@ class SaeExport(pl.Callback):
         """
         self.dirpath = Path(dirpath)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: SAEModule) -> None:
+        if trainer.is_global_zero:
+            (self.dirpath / pl_module.hparams.activations_hookpoint / FIT_COMPLETE).unlink(missing_ok=True)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: SAEModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
             self.export(pl_module.sae, pl_module.hparams.activations_hookpoint, pl_module.concept_latents)
@@ -40,12 +50,14 @@ class SaeExport(pl.Callback):
         sae, concept_latents = pl_module.sae, pl_module.concept_latents
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:  # with a monitored metric (early stopping), the best weights are the product, not the last ones
-            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(best, map_location="cpu", weights_only=True)
             sae = SparseAutoencoder(sae.d_in, sae.cfg)
             sae.load_state_dict({name.removeprefix("sae."): tensor for name, tensor in checkpoint["state_dict"].items()
                                  if name.startswith("sae.")})
             concept_latents = checkpoint.get("concept_latents")
-        self.export(sae, pl_module.hparams.activations_hookpoint, concept_latents)
+        folder = self.export(sae, pl_module.hparams.activations_hookpoint, concept_latents)
+        record = {"global_step": trainer.global_step, "checkpoint": best or None}
+        atomic_write_text(folder / FIT_COMPLETE, json.dumps(record, indent=2) + "\n")
 
     def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> Path:
         folder = self.dirpath / hookpoint

@@ -3,7 +3,9 @@
     python -m saemnesia.demo            # from the repository root; writes under runs/toy/ and runs/demo/
 
 Each step is exactly the command a user would type (`python cli.py <subcommand> -c <config> [overrides]`), run in
-this process. A step whose output already exists is skipped, so an interrupted demo resumes where it stopped.
+this process. A step whose run completed is skipped, so an interrupted demo resumes where it stopped: a fit counts
+as completed once `SaeExport` has written `fit_complete.json`, and an interrupted fit resumes from its last
+checkpoint (`--ckpt_path=last`) instead of starting over.
 
 Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation: the
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
@@ -20,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from callbacks.class_params_selector import Ties
+from callbacks.sae_export import FIT_COMPLETE
 from cli import main as cli_main
 from saemnesia.class_params import SAEMNESIA_MULTIPLIERS, SAEMNESIA_PERCENTILE, ConceptParams, top_latents_percentile
 from saemnesia.concepts import NO_ERASURE
@@ -31,6 +34,8 @@ from saemnesia.toy import TOY_OBJECTS
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/toy")
 REPORT_DIR = Path("runs/demo")
+TOY_HOOKPOINT = "unet.up_blocks.1.attentions.1"
+"""The block the toy configs cache and erase at; the SAE exports are named after it."""
 TOY_NUM_LATENTS = 1024
 """Latents of the toy SAEs (64 channels × expansion 16, configs/toy/sae.yaml)."""
 
@@ -55,11 +60,25 @@ class Step:
     args: tuple[str, ...]
     """CLI arguments: subcommand, `-c config`, overrides."""
     output: Path
-    """File whose existence means the step is done (relative to the working directory)."""
+    """File whose existence means the step's run completed (relative to the working directory)."""
+    resume_from: Path | None = None
+    """A fit's last checkpoint: when it exists and the run has not completed, the run resumes from it."""
+
+    def command(self) -> tuple[str, ...]:
+        """The CLI arguments of this run, resuming an interrupted fit."""
+        resuming = self.resume_from is not None and self.resume_from.exists()
+        return (*self.args, "--ckpt_path=last") if resuming else self.args
 
 
 def cli_step(title: str, subcommand: str, config: str, output: Path, *overrides: str) -> Step:
     return Step(title, (subcommand, "-c", str(REPO / config), *overrides), output)
+
+
+def fit_step(title: str, config: str, run_dir: Path, hookpoint: str, *overrides: str) -> Step:
+    """A `fit` of `config` whose `SaeExport` writes `run_dir/<hookpoint>/` and whose checkpoints are in
+    `run_dir/checkpoints/`."""
+    return replace(cli_step(title, "fit", config, run_dir / hookpoint / FIT_COMPLETE, *overrides),
+                   resume_from=run_dir / "checkpoints" / "last.ckpt")
 
 
 @dataclass(frozen=True)
@@ -213,10 +232,10 @@ def workflow(setting: DemoSetting) -> list[Step]:
     return [
         cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json",
                  *setting.data()),
-        cli_step("unsupervised SAE", "fit", "configs/toy/sae.yaml", RUNS / "sae/checkpoints/last.ckpt",
+        fit_step("unsupervised SAE", "configs/toy/sae.yaml", RUNS / "sae", TOY_HOOKPOINT,
                  *setting.max_steps(setting.sae_steps)),
-        cli_step("supervised SAE", "fit", "configs/toy/sae_supervised.yaml",
-                 RUNS / "sae_supervised/checkpoints/last.ckpt", *setting.max_steps(setting.supervised_steps)),
+        fit_step("supervised SAE", "configs/toy/sae_supervised.yaml", RUNS / "sae_supervised", TOY_HOOKPOINT,
+                 *setting.max_steps(setting.supervised_steps)),
         *eraser_steps(baseline, setting),
         *eraser_steps(supervised, setting),
         *unlearning_steps(reference_mode(supervised), setting),
@@ -225,13 +244,14 @@ def workflow(setting: DemoSetting) -> list[Step]:
 
 def run(steps: list[Step]) -> None:
     for number, step in enumerate(steps, start=1):
-        header = f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(step.args)}"
         if step.output.exists():
-            print(f"{header}\n    done: {step.output} exists", flush=True)
+            print(f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(step.args)}\n"
+                  f"    done: {step.output} exists", flush=True)
             continue
-        print(header, flush=True)
+        command = step.command()
+        print(f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        cli_main(list(step.args))
+        cli_main(list(command))
         print(f"    finished in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -42,3 +42,14 @@ class FailAfterPredictBatches(pl.Callback):
         self.seen += 1
         if self.seen >= self.batches:
             raise RuntimeError(f"Simulated crash after {self.seen} predict batches.")
+
+
+class FailAtStep(pl.Callback):
+    """Raises after `step` optimizer steps, as a killed fit would: no `on_fit_end`, the last checkpoint stays."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"Simulated crash at step {trainer.global_step}.")
