@@ -176,16 +176,21 @@ def object_unlearning_scores(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any
     """UA / IRA / CRA of single-object erasure from per-image rows, as fractions in [0, 1].
 
     Each row has `target` (the erased class; rows of `"none"` are ignored), `true_class`, `true_style` (`None` for
-    a plain image), `pred_class` and `pred_style`. Returns `{"UA", "IRA", "CRA", "per_target": {c: {...}}}` with
+    a plain image), `pred_class` and `pred_style` (may be `None` for a plain image, whose style is never scored).
+    Returns `{"UA", "IRA", "CRA", "per_target": {c: {...}}}` with
     means over the targets.
     """
     rows = [row for row in rows if row["target"] != NO_ERASURE]
     if not rows:
         raise ValueError("object_unlearning_scores got no rows of an erased target.")
+    unclassified = [row for row in rows if row["true_style"] is not None and row["pred_style"] is None]
+    if unclassified:
+        raise ValueError(f"object_unlearning_scores needs a pred_style for every styled image; {len(unclassified)} "
+                         f"rows have none, e.g. {dict(unclassified[0])}.")
     targets = sorted({row["target"] for row in rows})
     objects = sorted({row["true_class"] for row in rows} | {row["pred_class"] for row in rows})
     styles = sorted({row["true_style"] for row in rows if row["true_style"] is not None}
-                    | {row["pred_style"] for row in rows})
+                    | {row["pred_style"] for row in rows if row["pred_style"] is not None})
     counts = UnlearningCounts(len(targets), len(objects), len(styles))
 
     def column(key: str, names: list[str]) -> Tensor:

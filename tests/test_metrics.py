@@ -50,6 +50,14 @@ def test_object_unlearning_scores_match_the_hand_computed_example():
     assert_scores_close(object_unlearning_scores(rows), EXPECTED)
 
 
+def test_plain_images_need_no_style_prediction_but_styled_ones_do():
+    plain_unclassified = [row[:4] + (None,) if row[2] is None else row for row in ROWS]
+    assert_scores_close(object_unlearning_scores(as_dicts(plain_unclassified)), EXPECTED)
+    styled_unclassified = [ROWS[0][:4] + (None,), *ROWS[1:]]
+    with pytest.raises(ValueError, match="needs a pred_style for every styled image; 1 rows have none"):
+        object_unlearning_scores(as_dicts(styled_unclassified))
+
+
 def counts_of(rows: list[tuple], targets: list[str]) -> UnlearningCounts:
     """The metric updated with `rows` in two batches (indices: label order, len(STYLES) = plain)."""
     metric = UnlearningCounts(len(targets), len(OBJECTS), len(STYLES))
