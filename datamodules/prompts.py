@@ -27,6 +27,11 @@ from torch.utils.data import DataLoader
 
 from saemnesia.concepts import NO_ERASURE, UNLEARNCANVAS, ConceptVocabulary, styled_prompt
 from saemnesia.generation import PromptItem
+from saemnesia.toy.vocabulary import TOY_VOCABULARY
+
+VOCABULARIES = {"unlearncanvas": UNLEARNCANVAS, "toy": TOY_VOCABULARY}
+"""Vocabularies a config may name instead of listing their objects and styles."""
+VocabularyName = Literal["unlearncanvas", "toy"]
 
 PLAIN = "plain"
 """Stands for the missing style in prompt ids."""
@@ -63,7 +68,7 @@ class PromptDataModule(pl.LightningDataModule):
     """Prompt items: every erasure target × selected object × subject (template or anchor prompt) × style (and
     plain) × seed."""
 
-    def __init__(self, vocabulary: ConceptVocabulary | None = None, objects: list[str] | None = None,
+    def __init__(self, vocabulary: ConceptVocabulary | VocabularyName = "unlearncanvas", objects: list[str] | None = None,
                  styles: list[str] | None = None, include_plain: bool = True, anchor_prompts: str | None = None,
                  prompts_per_object: int | None = None, template: str = "An image of {object}",
                  seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
@@ -72,7 +77,8 @@ class PromptDataModule(pl.LightningDataModule):
                  sequential_steps: list[int] | None = None, batch_size: int = 4, num_workers: int = 0):
         """
         Args:
-            vocabulary: Concept names; `None` = UnlearnCanvas (20 objects, 50 styles).
+            vocabulary: Concept names: a name of `VOCABULARIES` (`unlearncanvas`: 20 objects, 50 styles; `toy`:
+                ToyCanvas' 8 shapes and 8 styles) or explicit `{objects, styles}`.
             objects: Subset of the vocabulary's objects to prompt for; `None` = all.
             styles: Subset of the vocabulary's styles; `None` = all, `[]` = none (plain prompts only).
             include_plain: Also prompt every subject without a style.
@@ -98,7 +104,7 @@ class PromptDataModule(pl.LightningDataModule):
         The vocabulary of the run (`self.vocabulary`) is the selected objects and styles.
         """
         super().__init__()
-        vocabulary = vocabulary or UNLEARNCANVAS
+        vocabulary = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
         for option, chosen, known in (("objects", objects, vocabulary.objects), ("styles", styles, vocabulary.styles)):
             unknown = [name for name in chosen or [] if name not in known]
             if unknown:
