@@ -3,11 +3,8 @@ SAE training, one search run per eraser) erases what it is asked to and little e
 
 Margins, as fractions of images classified correctly, erased run against the unerased images of the same prompts
 and seeds: every erased object's accuracy drops, by `MIN_MEAN_DROP` on average over the targets, and the other
-objects' accuracy stays within `MAX_COLLATERAL` of the reference for every target. Measured on the 2-core sandbox
-(20 DDIM steps, start step 4, post-ReLU pooling and lr 3e-3, as the configs; 600 fine-tuning steps) with multiplier
--10: mean drop 1.0 (every target), largest collateral loss 0.11 (Star). Earlier settings: start step 2 and lr 1e-3,
-0.83 (Circle 0.33) and 0.0; pre-ReLU pooling, 1.0 and 0.11; the earlier 8-way object classifier, from step 0, 0.92
-and 0.11; with -15, erasing Triangle cost the other objects 0.33.
+objects' accuracy stays within `MAX_COLLATERAL` of the reference for every target (the measured values behind the
+margins: docs/toycanvas.md).
 """
 
 from __future__ import annotations
