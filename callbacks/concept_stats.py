@@ -20,10 +20,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.prompts import PromptDataModule
-from saemnesia.generation import GenerationOutput, HookedDiffusion, PromptItem
+from callbacks.writer import PromptWriter
+from saemnesia.generation import CaptureConfig, GenerationOutput, HookedDiffusion, PromptItem
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStatsAccumulator
 
@@ -36,8 +35,11 @@ def item_concepts(item: PromptItem, object_prompts: ObjectPrompts) -> list[str]:
     return [*([item.object] if counts_for_object else []), *([item.style] if item.style is not None else [])]
 
 
-class ConceptStatsCallback(pl.Callback):
+class ConceptStatsCallback(PromptWriter):
     """Streams the mean SAE code per concept and sampling step of a capture run into a `ConceptStats` file."""
+
+    needs_capture = CaptureConfig(halves="cond", every=1, steps=None)  # the conditional half at every step
+    allows_erasure = False
 
     def __init__(self, sae: str, output: str, reference_pickle: str | None = None,
                  object_prompts: ObjectPrompts = "plain"):
@@ -48,6 +50,7 @@ class ConceptStatsCallback(pl.Callback):
             reference_pickle: Also write the published pickle format `{concept: Tensor[1, T, L]}` here; `None`: don't.
             object_prompts: `plain` (published): objects count only their plain prompts; `all`: also styled ones.
         """
+        super().__init__()
         if object_prompts not in ("plain", "all"):
             raise ValueError(f"ConceptStatsCallback object_prompts must be 'plain' or 'all', got {object_prompts!r}.")
         self.sae_path, self.output = sae, Path(output)
@@ -57,19 +60,7 @@ class ConceptStatsCallback(pl.Callback):
         self.accumulator: ConceptStatsAccumulator | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        capture = getattr(pl_module, "capture", None)
-        if not isinstance(pl_module, HookedDiffusion) or capture is None or (capture.halves, capture.every,
-                                                                             capture.steps) != ("cond", 1, None):
-            raise ValueError("ConceptStatsCallback needs a HookedDiffusion model capturing the conditional half at "
-                             "every sampling step: set model.capture to {halves: cond, every: 1, steps: null}.")
-        if not isinstance(trainer.datamodule, PromptDataModule):
-            raise ValueError("ConceptStatsCallback needs a PromptDataModule (data.class_path) to label the images.")
-        if any(item.erase for item in trainer.datamodule.items):
-            raise ValueError("ConceptStatsCallback describes generation without erasure; remove data.targets and "
-                             "data.sequential.")
-        if trainer.predict_loop.return_predictions:
-            rank_zero_warn("ConceptStatsCallback streams every batch, but Trainer.predict also keeps them all in "
-                           "memory; set return_predictions: false in the predict config.")
+        super().setup(trainer, pl_module, stage)
         self.sae = SparseAutoencoder.load(self.sae_path, pl_module.hparams.hookpoint).to(pl_module.device)
         vocabulary = trainer.datamodule.vocabulary
         seen = {concept for item in trainer.datamodule.items for concept in item_concepts(item, self.object_prompts)}
@@ -78,19 +69,19 @@ class ConceptStatsCallback(pl.Callback):
         self.accumulator = ConceptStatsAccumulator(concepts, pl_module.hparams.num_steps, self.sae.num_latents,
                                                    device=pl_module.device)
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, outputs: GenerationOutput,
-                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        channels = outputs.activations.shape[-1]  # [B, T, N, C]
-        if channels != self.sae.d_in:
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, prediction: GenerationOutput,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        channels = prediction.activations.shape[-1]  # [B, T, N, C]
+        if batch_idx == 0 and channels != self.sae.d_in:  # every batch comes from the same hookpoint
             raise ValueError(f"Hookpoint {pl_module.hparams.hookpoint} outputs {channels} channels but the SAE "
                              f"{self.sae_path} has d_in={self.sae.d_in}; use the SAE trained at this hookpoint.")
         # Every image counts for at least one concept (its style, or its object when plain), some for two.
-        pairs = [(row, concept) for row, item in enumerate(outputs.items)
+        pairs = [(row, concept) for row, item in enumerate(prediction.items)
                  for concept in item_concepts(item, self.object_prompts)]
         rows = torch.tensor([row for row, _ in pairs], device=self.sae.W_dec.device)  # [P]
         concept_ids = self.accumulator.concept_ids([concept for _, concept in pairs])  # [P]
-        for position, step in enumerate(outputs.steps):
-            tokens = outputs.activations[:, position].to(self.sae.W_dec.device, self.sae.W_dec.dtype)  # [B, N, C]
+        for position, step in enumerate(prediction.steps):
+            tokens = prediction.activations[:, position].to(self.sae.W_dec.device, self.sae.W_dec.dtype)  # [B, N, C]
             self.accumulator.update(concept_ids, step, self.sae.mean_code(tokens)[rows])  # [P, L]
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion) -> None:

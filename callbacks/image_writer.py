@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
-from datamodules.prompts import PromptDataModule
+from callbacks.writer import ResumableWriter
 from saemnesia.generation import GenerationOutput, HookedDiffusion, PromptItem
 from saemnesia.io import atomic_write_bytes, atomic_write_text
 
@@ -35,8 +33,6 @@ JPEG_QUALITY = 95
 """JPEG quality of every image (Pillow's scale)."""
 
 MANIFEST = "manifest.jsonl"
-RANK_MANIFESTS = "manifest-r*.jsonl"
-"""Glob of the per-rank manifests, `manifest-r{rank}.jsonl`."""
 
 SETTINGS = "generation.json"
 """The generation settings of the folder's images; a resumed run must match them."""
@@ -76,80 +72,62 @@ def jpeg_bytes(image: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-class ImageWriter(BasePredictionWriter):
+class ImageWriter(ResumableWriter):
     """Writes each generated image as a JPEG under its target's folder and keeps `manifest.jsonl` (module docstring)."""
 
-    def __init__(self, output_dir: str):
-        """
-        Args:
-            output_dir: Root image folder, e.g. `runs/toy/unlearn/images`; an interrupted run resumes in it.
-        """
-        super().__init__(write_interval="batch")
-        self.folder = Path(output_dir)
+    needs_images = True
+    manifest_suffix = ".jsonl"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, HookedDiffusion) or pl_module.hparams.output_type != "image":
-            raise ValueError("ImageWriter needs a HookedDiffusion model with model.output_type: image.")
-        if not isinstance(trainer.datamodule, PromptDataModule):
-            raise ValueError("ImageWriter needs a PromptDataModule (data.class_path) to skip written images.")
-        if trainer.predict_loop.return_predictions:
-            rank_zero_warn("ImageWriter writes every batch, but Trainer.predict also keeps them all in memory; set "
-                           "return_predictions: false in the predict config.")
+    def item_key(self, item: PromptItem) -> str:
+        return image_file(item)
+
+    def resume(self, trainer: pl.Trainer, pl_module: HookedDiffusion) -> set[str]:
+        """Refuse file names shared by several items, or earlier images of other settings; the images on disk."""
         files = [image_file(item) for item in trainer.datamodule.items]
         repeated = sorted(name for name, count in Counter(files).items() if count > 1)
         if repeated:
             raise ValueError(f"Several prompt items map to the image files {repeated[:3]}; file names hold only "
                              "target, style, object and seed, so use one prompt per object and style (template "
                              "prompts, or data.pairing: anchor_i_style_i).")
-        self.folder.mkdir(parents=True, exist_ok=True)
         erasure = pl_module.erasure
-        settings = {**{name: pl_module.hparams[name] for name in SETTING_NAMES},
-                    "erasure": asdict(erasure) if erasure is not None else None}
-        self._check_settings(settings)
-        self._repair_rank_manifest(trainer.global_rank)
-        trainer.strategy.barrier("image-writer-read")  # every process has compared before rank 0 writes
-        if trainer.is_global_zero:
-            atomic_write_text(self.folder / SETTINGS, json.dumps(settings, indent=2) + "\n")
-        stored = {name for name in files if (self.folder / name).is_file()}
-        if trainer.datamodule.exclude(stored, key=image_file) == 0:
-            self._merge_manifests(trainer)  # nothing to generate: Lightning skips the predict loop and its hooks
+        self.settings = {**{name: pl_module.hparams[name] for name in SETTING_NAMES},
+                         "erasure": asdict(erasure) if erasure is not None else None}
+        self._check_settings()
+        self._repair_rank_manifest(trainer)
+        return {name for name in files if (self.folder / name).is_file()}
 
-    def _check_settings(self, settings: dict[str, Any]) -> None:
+    def _check_settings(self) -> None:
         """Refuse to mix runs: the folder's earlier images must come from the same generation settings."""
         path = self.folder / SETTINGS
         if not path.is_file() or next(self.folder.glob("*/*.jpg"), None) is None:
             return  # no earlier images (a run that failed before its first batch binds nothing)
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+        settings = json.loads(json.dumps(self.settings))  # as stored: tuples become lists
         differing = [name for name in settings if earlier.get(name) != settings[name]]
         if differing:
             raise ValueError(f"{path} records images generated with other {differing} than this run's; resume with "
                              "the same model options, or write to another folder (--trainer.callbacks.output_dir).")
 
-    def _repair_rank_manifest(self, rank: int) -> None:
+    def _repair_rank_manifest(self, trainer: pl.Trainer) -> None:
         """Drop a line that a crash tore off at the end of this rank's manifest, so that appends start a new line."""
-        path = self.folder / f"manifest-r{rank}.jsonl"
+        path = self.rank_manifest_path(trainer.global_rank)
         if path.is_file() and not path.read_text(encoding="utf-8").endswith("\n"):
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in read_manifest(path)))
+
+    def claim(self, pl_module: HookedDiffusion) -> None:
+        atomic_write_text(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, prediction: GenerationOutput,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         lines = "".join(json.dumps(manifest_record(item)) + "\n" for item in prediction.items)
         # Listed before written: a crash may leave a listed image missing (it is generated again), never the reverse.
-        with (self.folder / f"manifest-r{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as manifest:
+        with self.rank_manifest_path(trainer.global_rank).open("a", encoding="utf-8") as manifest:
             manifest.write(lines)
         for item, image in zip(prediction.items, prediction.images):  # image: [3, H, W]
             atomic_write_bytes(self.folder / image_file(item), jpeg_bytes(image))
 
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._merge_manifests(trainer)
-
-    def _merge_manifests(self, trainer: pl.Trainer) -> None:
-        """Rank 0 writes `manifest.jsonl` once every rank has written its images."""
-        trainer.strategy.barrier("image-writer-end")
-        if trainer.is_global_zero:
-            records = {record["file"]: record for path in sorted(self.folder.glob(RANK_MANIFESTS))
-                       for record in read_manifest(path)}
-            lines = [json.dumps(records[name]) + "\n" for name in sorted(records) if (self.folder / name).is_file()]
-            atomic_write_text(self.folder / MANIFEST, "".join(lines))
-        trainer.strategy.barrier("image-writer-manifest")
+    def merge(self, rank_manifests: list[Path]) -> None:
+        """`manifest.jsonl`: one line per listed file that exists, sorted by file."""
+        records = {record["file"]: record for path in rank_manifests for record in read_manifest(path)}
+        lines = [json.dumps(records[name]) + "\n" for name in sorted(records) if (self.folder / name).is_file()]
+        atomic_write_text(self.folder / MANIFEST, "".join(lines))

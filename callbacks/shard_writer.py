@@ -15,19 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.prompts import PromptDataModule
+from callbacks.writer import ResumableWriter
 from saemnesia.generation import GenerationOutput, HookedDiffusion
 from saemnesia.shards import ShardManifest, ShardRecord, ShardSink, sample_key, scan_shards, stored_prompt_ids
 
 SHARD_PREFIX = "shard-r"
 """Shard names start with this, then the writing rank: `shard-r{rank}-{index:06d}.tar`."""
-
-
-RANK_MANIFESTS = "manifest-r*.json"
-"""Glob of the per-rank manifests, `manifest-r{rank}.json`."""
 
 
 def write_samples(sink: ShardSink, output: GenerationOutput, hookpoint: str, half: str) -> None:
@@ -41,8 +35,11 @@ def write_samples(sink: ShardSink, output: GenerationOutput, hookpoint: str, hal
             sink.write(sample_key(item.prompt_id, step), act, meta)
 
 
-class ActivationShardWriter(BasePredictionWriter):
+class ActivationShardWriter(ResumableWriter):
     """Per-rank, size-capped float16 WebDataset shards of the captured activations, plus `manifest.json`."""
+
+    needs_capture = True
+    manifest_suffix = ".json"
 
     def __init__(self, output_dir: str, max_samples: int = 1000, max_bytes: int = 1 << 30):
         """
@@ -51,8 +48,7 @@ class ActivationShardWriter(BasePredictionWriter):
             max_samples: A shard is closed after this many samples (at the next prompt boundary).
             max_bytes: ... or after this many bytes. SD1.5 maps are 640 KiB, so 1 GiB holds ~1600 samples.
         """
-        super().__init__(write_interval="batch")
-        self.folder = Path(output_dir)
+        super().__init__(output_dir)
         if min(max_samples, max_bytes) < 1:  # refused before any image is generated
             raise ValueError(f"ActivationShardWriter max_samples and max_bytes (trainer.callbacks) must be >= 1, got "
                              f"{max_samples} and {max_bytes}.")
@@ -60,34 +56,22 @@ class ActivationShardWriter(BasePredictionWriter):
         self.sink: ShardSink | None = None
         self.rank_manifest: ShardManifest | None = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, HookedDiffusion) or pl_module.capture is None:
-            raise ValueError("ActivationShardWriter needs a HookedDiffusion model with model.capture set.")
-        if not isinstance(trainer.datamodule, PromptDataModule):
-            raise ValueError("ActivationShardWriter needs a PromptDataModule (data.class_path) to skip stored prompts.")
-        if trainer.predict_loop.return_predictions:
-            rank_zero_warn("ActivationShardWriter writes every batch, but Trainer.predict also keeps them all in "
-                           "memory; set return_predictions: false in the predict config.")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._check_earlier_runs(pl_module, trainer.datamodule)
-        stored = stored_prompt_ids(self.folder, SHARD_PREFIX)
-        if trainer.is_global_zero:
-            for unfinished in self.folder.glob(f"{SHARD_PREFIX}*.tar.tmp"):
-                unfinished.unlink()
-        trainer.strategy.barrier("shard-writer-setup")  # every process has read the folder before any writes
-        if trainer.datamodule.exclude(stored) == 0:
-            self._merge_manifests(trainer)  # nothing to generate: Lightning skips the predict loop and its hooks
-
-    def _check_earlier_runs(self, pl_module: HookedDiffusion, datamodule: PromptDataModule) -> None:
-        """Refuse to mix runs: earlier rank manifests in the folder must describe the same activations."""
+    def resume(self, trainer: pl.Trainer, pl_module: HookedDiffusion) -> set[str]:
+        """Refuse earlier rank manifests that describe other activations; the prompt ids in complete shards."""
         wanted = {"hookpoint": pl_module.hparams.hookpoint, "num_steps": pl_module.hparams.num_steps,
-                  "concepts": datamodule.vocabulary}
-        for path in sorted(self.folder.glob(RANK_MANIFESTS)):
+                  "concepts": trainer.datamodule.vocabulary}
+        for path in self.rank_manifests():
             earlier = ShardManifest.load(path)
             differing = [name for name, value in wanted.items() if getattr(earlier, name) != value]
             if differing:
                 raise ValueError(f"{path} describes activations with other {differing} than this run's; "
                                  "resume with the same model and data options, or write to another folder.")
+        return stored_prompt_ids(self.folder, SHARD_PREFIX)
+
+    def claim(self, pl_module: HookedDiffusion) -> None:
+        """Delete the temporary file of a shard that an interrupted run left unfinished: its prompts are redone."""
+        for unfinished in self.folder.glob(f"{SHARD_PREFIX}*.tar.tmp"):
+            unfinished.unlink()
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, prediction: GenerationOutput,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
@@ -97,7 +81,7 @@ class ActivationShardWriter(BasePredictionWriter):
                                   max_samples=self.max_samples, max_bytes=self.max_bytes,
                                   vocabulary=trainer.datamodule.vocabulary)
             self.rank_manifest = ShardManifest(pl_module.hparams.hookpoint, d_in, tokens_per_sample,
-                                               pl_module.hparams.num_steps, trainer.datamodule.vocabulary)
+                                                    pl_module.hparams.num_steps, trainer.datamodule.vocabulary)
         complete = len(self.sink.records)
         write_samples(self.sink, prediction, pl_module.hparams.hookpoint, pl_module.capture.halves)
         if len(self.sink.records) != complete:  # a shard was completed: list it before anything else can fail
@@ -105,29 +89,24 @@ class ActivationShardWriter(BasePredictionWriter):
 
     def _save_rank_manifest(self, trainer: pl.Trainer, records: list[ShardRecord]) -> None:
         self.rank_manifest.shards = list(records)
-        self.rank_manifest.save(self.folder, f"manifest-r{trainer.global_rank}.json")
+        self.rank_manifest.save(self.folder, self.rank_manifest_path(trainer.global_rank).name)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sink is not None:
             self._save_rank_manifest(trainer, self.sink.close())
             self.sink = None
-        self._merge_manifests(trainer)
+        super().on_predict_end(trainer, pl_module)
 
-    def _merge_manifests(self, trainer: pl.Trainer) -> None:
-        """Rank 0 writes `manifest.json` once every rank has finished its shards."""
-        trainer.strategy.barrier("shard-writer-end")
-        if trainer.is_global_zero:
-            paths = sorted(self.folder.glob(RANK_MANIFESTS))
-            if not paths:
-                raise RuntimeError(f"{self.folder} has no rank manifests to merge; no activations were written.")
-            merged = ShardManifest.merge([ShardManifest.load(path) for path in paths])
-            # The folder is the truth: also list a shard completed just before a crash kept its rank from listing it.
-            merged.shards = scan_shards(self.folder, SHARD_PREFIX)
-            merged.save(self.folder)
-        trainer.strategy.barrier("shard-writer-manifest")
+    def merge(self, rank_manifests: list[Path]) -> None:
+        """`manifest.json`: the rank manifests' common description, listing every complete shard in the folder."""
+        if not rank_manifests:
+            raise RuntimeError(f"{self.folder} has no rank manifests to merge; no activations were written.")
+        merged = ShardManifest.merge([ShardManifest.load(path) for path in rank_manifests])
+        # The folder is the truth: also list a shard completed just before a crash kept its rank from listing it.
+        merged.shards = scan_shards(self.folder, SHARD_PREFIX)
+        merged.save(self.folder)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.sink is not None:  # keep the unfinished shard a temporary file; the next run deletes it
             self.sink.__exit__(type(exception), exception, exception.__traceback__)
             self.sink = None
-

@@ -92,8 +92,8 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
     with pytest.raises(ValueError, match=f"Hookpoint {HOOKPOINT} outputs 64 channels but the SAE sae32 has d_in=32; "
                                          "use the SAE trained at this hookpoint."):
         main(["predict", "-c", str(REPO / "configs/toy/stats.yaml"), *SMALL, "--trainer.callbacks.sae=sae32"])
-    with pytest.raises(ValueError, match="ConceptStatsCallback needs a HookedDiffusion model capturing the "
-                                         "conditional half at every sampling step"):
+    with pytest.raises(ValueError, match='ConceptStatsCallback needs a HookedDiffusion model with model.capture: '
+                                         '{"halves": "cond", "every": 1, "steps": null}.'):
         main(["predict", "-c", str(REPO / "configs/toy/stats.yaml"), *SMALL, "--model.init_args.capture.every=2"])
     with pytest.raises(ValueError, match="ConceptStatsCallback describes generation without erasure"):
         main(["predict", "-c", str(REPO / "configs/toy/stats.yaml"), *SMALL, "--data.init_args.targets=[Circle]"])
