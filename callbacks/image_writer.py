@@ -8,8 +8,8 @@ concept names), `prompt_id`, `prompt`, `object`, `style` (null when plain) and `
 Each rank appends one batch's lines to `manifest-r{rank}.jsonl` in a single write and only then writes the batch's
 images, each to a temporary name renamed into place; when predicting ends, rank 0 merges the rank manifests into
 `manifest.jsonl` (sorted by file, one line per file that exists). So an image on disk is always complete and listed.
-Resuming is re-running the same command: items whose image exists are left out before the dataloader is built, and
-`generation.json` refuses a rerun with other generation settings into the same folder.
+Resuming is re-running the same command (`callbacks.writer.ResumableWriter`): items whose image exists are left out,
+and `generation.json` refuses a rerun with other generation settings into the same folder.
 """
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 
 Each process writes its own shards (`shard-r{rank}-{index:06d}.tar`, complete prompts only, renamed into place when
 whole) and keeps `manifest-r{rank}.json` up to date with them; when predicting ends, rank 0 merges the rank
-manifests into `manifest.json`, listing every complete shard in the folder.
-
-Resuming is re-running the same command: before any dataloader exists, every process reads the prompt ids stored in
-complete shards and the datamodule leaves those items out; rank 0 deletes the temporary file of a shard that an
-interrupted run left unfinished, so its prompts are generated again.
+manifests into `manifest.json`, listing every complete shard in the folder. Resuming is re-running the same command
+(`callbacks.writer.ResumableWriter`): the prompts stored in complete shards are left out, and those of the shard
+that an interrupted run left unfinished (a `.tar.tmp` file, deleted) are generated again.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """`PromptWriter` and `ResumableWriter`: the bases of the callbacks that write what a `predict` run of
 `HookedDiffusion` over a `PromptDataModule` yields (activation shards, images, concept statistics).
 
-`PromptWriter` checks the run once in `setup`, against what the writer declares (`needs_capture`, `needs_images`,
-`allows_erasure`). `ResumableWriter` writes into a folder that an interrupted run resumes in: in `setup` every
-process reads what the folder stores (`resume`), then rank 0 prepares it (`claim`) and the datamodule leaves out the
-stored items before any dataloader exists. Each rank keeps its own manifest, `manifest-r{rank}{manifest_suffix}`;
-when predicting ends, once every rank has written, rank 0 merges them (`merge`) and the ranks wait for the result.
+`PromptWriter` checks the run once in `setup`, against what the writer declares. `ResumableWriter` writes into a
+folder that re-running the same command resumes: every process reads what the folder stores (`resume`), rank 0 then
+prepares it (`claim`), and the datamodule leaves out the stored items before any dataloader exists. Each rank keeps
+its own manifest; when predicting ends and every rank has written, rank 0 merges them into one (`merge`).
 """
 
 from __future__ import annotations
