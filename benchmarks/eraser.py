@@ -89,10 +89,11 @@ def dense_erase(sae: SparseAutoencoder, tables: ErasureTables, hidden: Tensor, s
     acts, indices = pre_acts.topk(sae.cfg.k, dim=-1, sorted=False)
     code = torch.zeros_like(pre_acts).scatter_(-1, indices, acts)  # [B, N, L]
     reconstruction = code @ sae.W_dec + sae.b_dec  # [B, N, C]
-    selected = tables.latents[step][tables.valid[step]]  # [K]
-    scales = (tables.multipliers[step] * tables.concept_means[step])[tables.valid[step]].to(code.dtype)
-    values = code[..., selected]  # [B, N, K]
-    code[..., selected] = torch.where(values > tables.thresholds[step][tables.valid[step]], values * scales, values)
+    valid = tables.valid[step]  # [K]
+    selected = tables.latents[step][valid]  # [K']
+    values = code[..., selected]  # [B, N, K']
+    code[..., selected] = torch.where(values > tables.thresholds[step][valid], values * tables.scales[step][valid].to(
+        code.dtype), values)
     erased = code @ sae.W_dec + sae.b_dec  # [B, N, C]
     out = tokens + (erased - reconstruction)
     return out.transpose(1, 2).reshape(batch, channels, height, width)  # [B, C, H, W]

@@ -84,6 +84,8 @@ def main(args: list[str] | None = None) -> list[LatentBinding]:
     parser.add_argument("--percentile", type=float, default=SAEMNESIA_PERCENTILE,
                         help="selection percentile (SPEC §3.3)")
     options = parser.parse_args(args)
+    if not 0 <= options.percentile <= 100:
+        parser.error(f"--percentile must lie in [0, 100]; got {options.percentile}.")
     stats = ConceptStats.load(options.stats)
     concept_latents = load_concept_latents(options.concept_latents, num_latents=stats.num_latents)
     bindings = latent_bindings(stats, concept_latents, options.concepts, options.percentile, options.concept_latents)

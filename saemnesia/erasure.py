@@ -17,7 +17,7 @@ import torch
 from saemnesia.class_params import PARAM_KEYS, ConceptParams, load_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
-from saemnesia.unlearning import ERROR_MODES, ConceptEraser
+from saemnesia.unlearning import ConceptEraser
 
 REFERENCE_STATS_SUFFIX = ".pkl"
 """Statistics files with this suffix are the published pickle (`ConceptStats.from_reference`); others are ours."""
@@ -52,6 +52,13 @@ class ErasureConfig:
     """Override every target's multiplier (one run of the multiplier search, e.g. -5); `None` reads it from
     `class_params`."""
 
+    def __post_init__(self) -> None:
+        if self.class_params is None and None in (self.percentile, self.multiplier):
+            raise ValueError("model.erasure needs a class_params file, or both percentile and multiplier to apply "
+                             "to every target.")
+        if self.percentile is not None and not 0 <= self.percentile <= 100:
+            raise ValueError(f"model.erasure.percentile must lie in [0, 100]; got {self.percentile}.")
+
 
 def load_stats(path: str | Path) -> ConceptStats:
     """Our statistics file, or the published pickle when `path` ends in `.pkl`."""
@@ -60,44 +67,30 @@ def load_stats(path: str | Path) -> ConceptStats:
 
 
 class ErasureBuilder:
-    """Loads the SAE and statistics of an `ErasureConfig` once and builds one `ConceptEraser` per erased set."""
+    """Loads the SAE and statistics of an `ErasureConfig` once and builds one `ConceptEraser` per erased set; the
+    erasers check the SAE and the statistics against each other, the builder checks them against the sampling."""
 
-    def __init__(self, config: ErasureConfig, hookpoint: str) -> None:
-        if config.class_params is None and (config.percentile is None or config.multiplier is None):
-            raise ValueError("model.erasure needs a class_params file, or both percentile and multiplier to apply "
-                             "to every target.")
-        if config.error_mode not in ERROR_MODES:
-            raise ValueError(f"model.erasure.error_mode must be one of {list(ERROR_MODES)}, got {config.error_mode!r}.")
-        if config.percentile is not None and not 0 <= config.percentile <= 100:
-            raise ValueError(f"model.erasure.percentile must lie in [0, 100]; got {config.percentile}.")
+    def __init__(self, config: ErasureConfig, hookpoint: str, num_steps: int) -> None:
         self.config = config
         self.sae = SparseAutoencoder.load(config.sae, hookpoint)
         self.stats = load_stats(config.stats)
-        self.stats.check_compatible(self.sae.num_latents)  # statistics of an SAE of another size fail here
-        stats_digest = self.stats.metadata.get("sae_digest")
-        if stats_digest is not None and stats_digest != self.sae.checkpoint_digest:
-            raise ValueError(f"The concept statistics {config.stats} were computed with another SAE than "
-                             f"model.erasure.sae={config.sae} (SAE digest {stats_digest}, this one's "
-                             f"{self.sae.checkpoint_digest}); recompute them with this SAE.")
         stats_hookpoint = self.stats.metadata.get("hookpoint")
         if stats_hookpoint not in (None, hookpoint):
             raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "
                              f"model.hookpoint is {hookpoint}; recompute them at this hookpoint.")
-        if not 0 <= config.start_step < self.stats.num_steps:
-            raise ValueError(f"model.erasure.start_step must lie in [0, {self.stats.num_steps}) for the concept "
-                             f"statistics {config.stats} of {self.stats.num_steps} steps; got {config.start_step}.")
+        if num_steps != self.stats.num_steps:
+            raise ValueError(f"The concept statistics {config.stats} were computed with {self.stats.num_steps} "
+                             f"sampling steps but sampling uses {num_steps} (model.num_steps); recompute them with "
+                             "the same number of steps.")
         # Overrides of both fields leave nothing to read from the file.
         needed = config.class_params is not None and None in (config.percentile, config.multiplier)
         self.class_params = load_class_params(config.class_params) if needed else {}
         self._erasers: dict[tuple[str, ...], ConceptEraser] = {}
 
-    def check_steps(self, num_steps: int) -> None:
-        """Refuse sampling with another number of steps than the statistics' (SPEC §4)."""
-        self.stats.check_compatible(self.sae.num_latents, num_steps)
-
     def to(self, device: torch.device | str) -> ErasureBuilder:
-        """Move the SAE (erasers move their tables to it on first use)."""
+        """Move the SAE; erasers are built anew on it (their tables live on the SAE's device)."""
         self.sae.to(device)
+        self._erasers.clear()
         return self
 
     def params_for(self, concepts: tuple[str, ...]) -> dict[str, ConceptParams]:
@@ -108,6 +101,7 @@ class ErasureBuilder:
             entry = {key: overrides[key] if overrides[key] is not None else self.class_params.get(concept, {}).get(key)
                      for key in PARAM_KEYS}
             if None in entry.values():
+                self.stats.index(concept)  # a concept the statistics lack is reported as such, listing theirs
                 raise ValueError(f"The class_params file {self.config.class_params} has no entry for the target "
                                  f"concept {concept!r}; add it or set model.erasure.percentile and multiplier.")
             params[concept] = entry
@@ -116,8 +110,6 @@ class ErasureBuilder:
     def eraser_for(self, concepts: tuple[str, ...]) -> ConceptEraser:
         """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last)."""
         if concepts not in self._erasers:
-            for concept in concepts:
-                self.stats.index(concept)  # an unknown concept lists the known ones before any parameter lookup
             self._erasers[concepts] = ConceptEraser(self.sae, self.stats, self.params_for(concepts),
                                                     error_mode=self.config.error_mode,
                                                     start_step=self.config.start_step, use_beta=self.config.use_beta)

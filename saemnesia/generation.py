@@ -132,9 +132,8 @@ class HookedDiffusion(pl.LightningModule):
                 raise ValueError(f"model.capture keeps no step: none of {capture.steps} is a multiple of "
                                  f"capture.every={capture.every}.")
         self.capture, self.erasure = capture, erasure
-        self.erasers = ErasureBuilder(erasure, hookpoint) if erasure is not None else None
-        if self.erasers is not None:
-            self.erasers.check_steps(num_steps)  # refused before any pipeline loads
+        # Statistics of another step count or hookpoint are refused here, before any pipeline loads.
+        self.erasers = ErasureBuilder(erasure, hookpoint, num_steps) if erasure is not None else None
         self.pipe: DiffusionPipeline | None = None
 
     def setup(self, stage: str) -> None:
@@ -166,10 +165,6 @@ class HookedDiffusion(pl.LightningModule):
     def _on_block_output(self, eraser: ConceptEraser | None, capture: ActivationCapture | None, hidden: Tensor,
                          context: HookContext) -> Tensor | None:
         if eraser is not None:
-            if hidden.shape[1] != eraser.sae.d_in:
-                raise ValueError(f"Hookpoint {context.hookpoint} outputs {hidden.shape[1]} channels but the erasure "
-                                 f"SAE model.erasure.sae={self.erasure.sae} has d_in={eraser.sae.d_in}; use the SAE "
-                                 "trained at this hookpoint.")
             hidden = eraser.apply(hidden, context.step)
         if capture is not None:
             capture(hidden, context)

@@ -81,28 +81,41 @@ def resolve_hookpoint(pipe_or_root: DiffusionPipeline | nn.Module, path: str) ->
         raise ValueError(f"Hookpoint {path!r} does not exist; {hint}.") from None
 
 
-def step_index_from_timestep(scheduler: Any, timestep: Tensor | float) -> int:
-    """Position of `timestep` in `scheduler.timesteps`: the sampling step a UNet call belongs to."""
-    timesteps: Tensor | None = getattr(scheduler, "timesteps", None)
-    name = type(scheduler).__name__
-    if timesteps is None:
-        raise ValueError(f"{name} has no timesteps yet; set_timesteps must run before a timestep maps to a step.")
-    values = torch.as_tensor(timestep, device=timesteps.device).reshape(-1)  # some pipelines broadcast t to [B]
-    if values.numel() != 1 and (values.numel() == 0 or bool((values != values[0]).any())):
-        raise ValueError(f"The UNet received differing timesteps {values.tolist()}; one step has one timestep.")
-    # One device sync per UNet call (nonzero): negligible next to a UNet forward.
-    positions = (timesteps == values[0]).nonzero().flatten().tolist()
-    if not positions:
-        raise ValueError(
-            f"Timestep {values[0].item()} is not among the {len(timesteps)} timesteps of {name} "
-            f"({timesteps[0].item()}..{timesteps[-1].item()}); the UNet was called outside its sampling loop."
-        )
-    if len(positions) > 1:
-        raise ValueError(
-            f"{name} repeats timestep {values[0].item()}, so its step index is ambiguous; use a scheduler "
-            "with one UNet call per step such as DDIM."
-        )
-    return positions[0]
+class StepIndex:
+    """The sampling step of a UNet timestep: its position in `scheduler.timesteps`.
+
+    The timestep list is read to the host once per generation (`set_timesteps` makes a new tensor), so a UNet
+    call costs one host read, of its own timestep argument.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self._timesteps: Tensor | None = None  # the list `_steps` was read from
+        self._steps: dict[float, int | None] = {}  # timestep value → step; None where the list repeats it
+
+    def __call__(self, timestep: Tensor | float) -> int:
+        timesteps: Tensor | None = getattr(self.scheduler, "timesteps", None)
+        name = type(self.scheduler).__name__
+        if timesteps is None:
+            raise ValueError(f"{name} has no timesteps yet; set_timesteps must run before a timestep maps to a step.")
+        if timesteps is not self._timesteps:
+            self._timesteps, self._steps = timesteps, {}
+            for position, value in enumerate(timesteps.tolist()):
+                self._steps[value] = None if value in self._steps else position
+        # Some pipelines broadcast t to [B]; one read of all its values is the call's only host sync.
+        values = timestep.reshape(-1).tolist() if isinstance(timestep, Tensor) else [timestep]
+        if len(set(values)) != 1:
+            raise ValueError(f"The UNet received differing timesteps {values}; one step has one timestep.")
+        if values[0] not in self._steps:
+            raise ValueError(
+                f"Timestep {values[0]} is not among the {len(timesteps)} timesteps of {name} "
+                f"({timesteps[0].item()}..{timesteps[-1].item()}); the UNet was called outside its sampling loop."
+            )
+        step = self._steps[values[0]]
+        if step is None:
+            raise ValueError(f"{name} repeats timestep {values[0]}, so its step index is ambiguous; use a scheduler "
+                             "with one UNet call per step such as DDIM.")
+        return step
 
 
 def _block_hidden(output: Any) -> Tensor:
@@ -137,12 +150,13 @@ def hook_block(pipe: DiffusionPipeline, hookpoint: str, on_output: OutputCallbac
     if not any(module is block for module in unet.modules()):
         raise ValueError(f"Hookpoint {hookpoint!r} is not inside the UNet; expected a path starting with 'unet.'.")
     current: list[HookContext] = []  # the context of the UNet call in progress (set by the pre-hook)
+    step_index = StepIndex(pipe.scheduler)
 
     def read_timestep(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]  # unet(sample, timestep, ...)
         context = HookContext(
             hookpoint=hookpoint,
-            step=step_index_from_timestep(pipe.scheduler, timestep),
+            step=step_index(timestep),
             num_steps=len(pipe.scheduler.timesteps),
             timestep=timestep,
             do_cfg=bool(pipe.do_classifier_free_guidance),

@@ -50,10 +50,9 @@ def above_quantile(scores: Tensor, percentile: float) -> Tensor:
     """Mask `[..., L]` of scores strictly above their row's `percentile`-th quantile (SPEC §3.3).
 
     Thresholds are `torch.quantile` with linear interpolation, computed on chunks of rows small enough
-    for its input-size limit, so any number of rows gives the same answer as one call per row.
+    for its input-size limit, so any number of rows gives the same answer as one call per row. The percentile
+    is validated where it is read (`validate_class_params`, the options of `ErasureConfig` and `binding`).
     """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must lie in [0, 100]; got {percentile}.")
     rows = scores.reshape(-1, scores.shape[-1])  # [R, L]
     rows_per_chunk = max(1, QUANTILE_MAX_NUMEL // rows.shape[1])
     thresholds = torch.cat(
@@ -108,25 +107,12 @@ class ConceptStats:
         return self.means.shape[2]
 
     @property
-    def _from_source(self) -> str:
+    def from_source(self) -> str:
         """` <file>` after "statistics" in an error, or nothing for statistics made in memory."""
         return "" if self.source is None else f" {self.source}"
 
     def index(self, concept: str) -> int:
-        return concept_index(self.concepts, concept, f"the statistics{self._from_source}")
-
-    def check_compatible(self, num_latents: int, num_steps: int | None = None) -> None:
-        """Refuse an SAE with another latent count, or sampling with another number of steps (SPEC §4)."""
-        if num_latents != self.num_latents:
-            raise ValueError(
-                f"The concept statistics{self._from_source} have {self.num_latents} latents but the SAE has "
-                f"{num_latents}; recompute the statistics with this SAE."
-            )
-        if num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(
-                f"The concept statistics{self._from_source} were computed with {self.num_steps} sampling steps but "
-                f"sampling uses {num_steps} (model.num_steps); recompute them with the same number of steps."
-            )
+        return concept_index(self.concepts, concept, f"the statistics{self.from_source}")
 
     def importance(self, concept: str, step: int | None = None) -> Tensor:
         """Importance scores `s_c[t]` `[L]` at `step`, or `[T, L]` for every step when `step` is None."""
@@ -155,10 +141,6 @@ class ConceptStats:
         own_counts = counts[rows][:, None, None]  # [R, 1, 1]
         others = (weighted_total - own_counts * own) / (counts.sum() - own_counts)  # [R, T, L]
         return (_normalise(own) - _normalise(others)).to(torch.float32)
-
-    def selected_latents(self, concept: str, step: int, percentile: float) -> Tensor:
-        """`I_{c,t}`: latents scoring above the `percentile`-th quantile at `step`, ascending `[K]` (SPEC §3.3)."""
-        return above_quantile(self.importance(concept, step), percentile).nonzero().squeeze(1)  # [K]
 
     def selection_mask(self, concept: str, percentile: float) -> Tensor:
         """`I_{c,t}` for every step at once, as a boolean mask `[T, L]`."""

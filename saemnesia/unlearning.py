@@ -41,31 +41,32 @@ ConceptParamsLike = Mapping[str, Any]
 
 
 class ErasureTables(NamedTuple):
-    """Per-step latent tables `[T, K]`, K the most latents selected at any step; padding slots have `valid` False."""
+    """Per-step tables `[T, K]` (K the most latents selected at any step) on the SAE's device, in the rule's dtype:
+    float32, or float64 for a float64 SAE. Padding slots have `valid` False and an infinite threshold."""
 
     latents: Tensor
     """int64 latent indices of `I_t`, ascending in the valid slots."""
     valid: Tensor
     """bool: whether the slot holds a selected latent (False in padding)."""
-    multipliers: Tensor
-    """float32 `m_c` of the target that owns the latent."""
-    concept_means: Tensor
-    """float32 `μ_c[t, j]` of the target that owns the latent; `σ = multiplier · concept_mean`."""
     thresholds: Tensor
-    """float32 `τ_t[j]`, the unweighted mean of every concept's `μ[t, j]`."""
+    """`τ_t[j]`, the unweighted mean of every concept's `μ[t, j]`; `inf` in padding, so no padding slot fires."""
+    scales: Tensor
+    """`σ_t[j] = m_c · μ_c[t, j]` of the target that owns the latent; with `use_beta`, `m_c` alone."""
+    row_norms: Tensor
+    """`‖W_dec[j]‖₂ + ε`, the `use_beta` scale's denominator."""
+    decoder_rows: Tensor
+    """`[T, K, C]` in the SAE's dtype: `W_dec[j]` of each slot, the directions the change is decoded from."""
 
-    def to(self, device: torch.device) -> ErasureTables:
-        return ErasureTables(*(table.to(device) for table in self))
 
-
-def build_tables(stats: ConceptStats, params: Mapping[str, ConceptParamsLike]) -> ErasureTables:
+def build_tables(sae: SparseAutoencoder, stats: ConceptStats, params: Mapping[str, ConceptParamsLike],
+                 use_beta: bool) -> ErasureTables:
     """The tables of SPEC §4 for the targets in `params`, computed once for all T steps."""
     num_steps, num_latents = stats.num_steps, stats.num_latents
     selected = torch.zeros(num_steps, num_latents, dtype=torch.bool)
     multipliers = torch.zeros(num_steps, num_latents)
     concept_means = torch.zeros(num_steps, num_latents)
     for concept, entry in params.items():
-        mask = stats.selection_mask(concept, entry["percentile"]).cpu()  # [T, L]
+        mask = stats.selection_mask(concept, entry["percentile"]).cpu()  # [T, L]; an unknown concept fails here
         # Later targets overwrite earlier ones on shared latents: the last target's scale wins (module docstring).
         selected |= mask
         multipliers[mask] = entry["multiplier"]
@@ -73,51 +74,59 @@ def build_tables(stats: ConceptStats, params: Mapping[str, ConceptParamsLike]) -
     width = max(1, int(selected.sum(dim=1).max()))
     # A stable descending sort of the mask puts each step's selected latents first, in ascending order.
     latents = selected.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # [T, K]
-    thresholds = stats.means.cpu().mean(dim=0)  # [T, L]
+    valid = selected.gather(1, latents)  # [T, K]
+    device = sae.W_dec.device
+    rule_dtype = torch.promote_types(sae.W_dec.dtype, torch.float32)
+    multipliers, concept_means, thresholds = (table.gather(1, latents).to(device, rule_dtype) for table in
+                                              (multipliers, concept_means, stats.means.cpu().mean(dim=0)))  # [T, K]
+    latents, valid = latents.to(device), valid.to(device)
+    decoder_rows = sae.W_dec.detach()[latents]  # [T, K, C]
     return ErasureTables(
         latents=latents,
-        valid=selected.gather(1, latents),
-        multipliers=multipliers.gather(1, latents),
-        concept_means=concept_means.gather(1, latents),
-        thresholds=thresholds.gather(1, latents),
+        valid=valid,
+        thresholds=thresholds.masked_fill(~valid, torch.inf),
+        scales=multipliers if use_beta else multipliers * concept_means,
+        row_norms=decoder_rows.to(rule_dtype).norm(dim=-1) + BETA_EPS,
+        decoder_rows=decoder_rows,
     )
 
 
 class ConceptEraser:
     """Erase every concept of `params` from a block output `[B, C, H, W]` at each sampling step (SPEC §4).
 
-    `stats` must come from this SAE and from sampling with the same number of steps (see `check_steps`).
-    Steps before `start_step` pass the block output through untouched.
+    The constructor checks that `stats` come from this SAE (latent count, and its checkpoint digest where both
+    record one) and precomputes the tables on the SAE's device: build the eraser after moving the SAE. Steps before
+    `start_step` pass the block output through untouched.
     """
 
     def __init__(self, sae: SparseAutoencoder, stats: ConceptStats, params: Mapping[str, ConceptParamsLike],
                  error_mode: str = "exact", start_step: int = 0, use_beta: bool = False) -> None:
         if error_mode not in ERROR_MODES:
             raise ValueError(f"error_mode must be one of {list(ERROR_MODES)}; got {error_mode!r}.")
-        stats.check_compatible(sae.num_latents)
+        source = stats.from_source
+        if stats.num_latents != sae.num_latents:
+            raise ValueError(f"The concept statistics{source} have {stats.num_latents} latents but the SAE has "
+                             f"{sae.num_latents}; recompute the statistics with this SAE.")
+        digest = stats.metadata.get("sae_digest")
+        if None not in (digest, sae.checkpoint_digest) and digest != sae.checkpoint_digest:
+            raise ValueError(f"The concept statistics{source} were computed with another SAE (digest {digest}) than "
+                             f"this one ({sae.checkpoint_digest}); recompute them with this SAE.")
         params = validate_class_params(params, source="ConceptEraser params")
         if not params:
             raise ValueError("ConceptEraser params must name at least one target concept.")
-        for concept in params:
-            stats.index(concept)  # fails with the list of known concepts
         if not 0 <= start_step < stats.num_steps:
-            raise ValueError(f"start_step must lie in [0, {stats.num_steps}) for statistics of {stats.num_steps} "
-                             f"steps; got {start_step}.")
+            raise ValueError(f"start_step must lie in [0, {stats.num_steps}) for the concept statistics{source} of "
+                             f"{stats.num_steps} steps; got {start_step}.")
         self.sae = sae
-        self.stats = stats
         self.params = params
         self.error_mode = error_mode
         self.start_step = start_step
         self.use_beta = use_beta
-        self.tables = build_tables(stats, params).to(sae.W_dec.device)
+        self.tables = build_tables(sae, stats, params, use_beta)
 
     @property
     def num_steps(self) -> int:
-        return self.stats.num_steps
-
-    def check_steps(self, num_steps: int) -> None:
-        """Refuse a sampling run whose step count differs from the statistics' T."""
-        self.stats.check_compatible(self.sae.num_latents, num_steps)
+        return self.tables.latents.shape[0]
 
     @torch.no_grad()
     def apply(self, hidden: Tensor, step: int) -> Tensor:
@@ -125,14 +134,13 @@ class ConceptEraser:
         if not 0 <= step < self.num_steps:
             raise ValueError(f"Step {step} is outside the statistics' {self.num_steps} sampling steps.")
         if hidden.ndim != 4 or hidden.shape[1] != self.sae.d_in:
-            raise ValueError(f"ConceptEraser.apply expects a block output [B, {self.sae.d_in}, H, W]; "
-                             f"got shape {tuple(hidden.shape)}.")
+            raise ValueError(f"ConceptEraser.apply expects a block output [B, {self.sae.d_in}, H, W]; got shape "
+                             f"{tuple(hidden.shape)}: erase with the SAE trained at this hookpoint.")
         if step < self.start_step:
             return hidden
         batch, channels, height, width = hidden.shape
         tokens = hidden.flatten(2).transpose(1, 2)  # [B, H·W, C]
-        sae_dtype = self.sae.W_dec.dtype
-        acts, indices = self.sae.encode(tokens.to(sae_dtype))  # [B, N, k]
+        acts, indices = self.sae.encode(tokens.to(self.sae.W_dec.dtype))  # [B, N, k]
         change = self._change(acts, indices, step)  # [B, N, C]
         if self.error_mode == "exact":
             out = tokens + change
@@ -145,23 +153,12 @@ class ConceptEraser:
 
     def _change(self, acts: Tensor, indices: Tensor, step: int) -> Tensor:
         """`r' − r = Σ_j (z'_j − z_j) W_dec[j]` `[B, N, C]` from the TopK code `(acts, indices)` `[B, N, k]`."""
-        if self.tables.latents.device != acts.device:
-            self.tables = self.tables.to(acts.device)
-        # The rule runs in float32 at least (float64 with a float64 SAE), whatever the SAE's dtype.
-        rule_dtype = torch.promote_types(acts.dtype, torch.float32)
-        latents, valid = self.tables.latents[step], self.tables.valid[step]  # [K]
-        multipliers, concept_means, thresholds = (
-            table[step].to(rule_dtype)
-            for table in (self.tables.multipliers, self.tables.concept_means, self.tables.thresholds)
-        )  # each [K]
+        latents, _, thresholds, scales, row_norms, decoder_rows = (table[step] for table in self.tables)  # [K], [K, C]
+        acts = acts.to(thresholds.dtype)  # the rule runs in the tables' dtype, float32 at least
         matches = indices.unsqueeze(-1) == latents  # [B, N, k, K]; TopK indices are distinct, so ≤ 1 match per slot
-        values = (acts.unsqueeze(-1).to(rule_dtype) * matches).sum(dim=-2)  # [B, N, K]: z_j, 0 when j is inactive
-        modified = matches.any(dim=-2) & valid & (values > thresholds)  # [B, N, K]
-        decoder_rows = self.sae.W_dec[latents]  # [K, C]
+        values = (acts.unsqueeze(-1) * matches).sum(dim=-2)  # [B, N, K]: z_j, 0 when j is inactive
         if self.use_beta:
-            code_norm = acts.to(rule_dtype).norm(dim=-1, keepdim=True)  # [B, N, 1]: ‖z‖₂ (zeros outside TopK)
-            scales = multipliers * code_norm / (decoder_rows.to(rule_dtype).norm(dim=-1) + BETA_EPS)  # [B, N, K]
-        else:
-            scales = multipliers * concept_means  # [K]
-        deltas = torch.where(modified, values * (scales - 1), 0.0)  # [B, N, K]: z'_j − z_j
+            scales = scales * acts.norm(dim=-1, keepdim=True) / row_norms  # [B, N, K]: m · ‖z‖₂ / ‖W_dec[j]‖₂
+        # An inactive latent (z_j = 0) changes nothing whether or not it passes the threshold.
+        deltas = torch.where(values > thresholds, values * (scales - 1), 0.0)  # [B, N, K]: z'_j − z_j
         return deltas.to(decoder_rows.dtype) @ decoder_rows  # [B, N, C]

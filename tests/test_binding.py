@@ -68,3 +68,6 @@ def test_command_line_prints_the_table_and_refuses_unassigned_concepts(tmp_path,
     assert "| Y | 1 | 1/2 steps | 1–2 | 0.50–4.00 | 0 (X) |" in table
     with pytest.raises(ValueError, match=r"Concepts \['Z'\] have no latent in .*concept_latents.json\.$"):
         main([*files, "--concepts", "Z"])
+    with pytest.raises(SystemExit):
+        main([*files, "--percentile", "150"])
+    assert r"--percentile must lie in [0, 100]; got 150.0." in capsys.readouterr().err

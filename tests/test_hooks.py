@@ -12,11 +12,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from saemnesia.hooks import (
     ActivationCapture,
     HookContext,
+    StepIndex,
     _block_hidden,
     _with_hidden,
     hook_block,
     resolve_hookpoint,
-    step_index_from_timestep,
 )
 
 HOOKPOINT = "unet.up_blocks.1.attentions.1"
@@ -50,14 +50,22 @@ def test_unknown_hookpoint_lists_close_matches(tiny_pipeline, typo):
 
 def test_step_index_is_the_position_in_the_timestep_list():
     scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(10)
-    for position, timestep in enumerate(scheduler.timesteps.tolist()):
-        assert step_index_from_timestep(scheduler, timestep) == position
-        assert step_index_from_timestep(scheduler, torch.tensor([timestep, timestep])) == position
-    with pytest.raises(ValueError, match="Timestep 5 is not among the 10 timesteps of DDIMScheduler"):
-        step_index_from_timestep(scheduler, 5)
+    step_index = StepIndex(scheduler)
+    for steps in (10, 4):  # a new generation's set_timesteps is read afresh
+        scheduler.set_timesteps(steps)
+        for position, timestep in enumerate(scheduler.timesteps.tolist()):
+            assert step_index(timestep) == position
+            assert step_index(scheduler.timesteps[position]) == position
+            assert step_index(torch.tensor([timestep, timestep])) == position
+    with pytest.raises(ValueError, match="Timestep 5 is not among the 4 timesteps of DDIMScheduler"):
+        step_index(5)
+    with pytest.raises(ValueError, match=r"differing timesteps \[999, 749\]"):
+        step_index(torch.tensor([999, 749]))
     with pytest.raises(ValueError, match="repeats timestep 7, so its step index is ambiguous"):
-        step_index_from_timestep(SimpleNamespace(timesteps=torch.tensor([9, 7, 7, 3])), 7)
+        StepIndex(SimpleNamespace(timesteps=torch.tensor([9, 7, 7, 3])))(7)
+    assert StepIndex(SimpleNamespace(timesteps=torch.tensor([9, 7, 7, 3])))(3) == 3
+    with pytest.raises(ValueError, match="has no timesteps yet"):
+        StepIndex(SimpleNamespace(timesteps=None))(7)
 
 
 @pytest.mark.parametrize("steps", [10, 20])

@@ -59,7 +59,7 @@ def naive_erase(sae: SparseAutoencoder, stats: ConceptStats, params: dict, hidde
                 z[top.indices] = top.values
                 erased = z.clone()
                 for concept, entry in params.items():
-                    for j in stats.selected_latents(concept, step, entry["percentile"]).tolist():
+                    for j in stats.selection_mask(concept, entry["percentile"])[step].nonzero().flatten().tolist():
                         if z[j] > thresholds[j]:
                             if use_beta:
                                 scale = entry["multiplier"] * z.norm() / (W_dec[j].norm() + 1e-8)
@@ -215,7 +215,7 @@ def test_tables_are_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Per step, exactly the union of both targets' selected latents, ascending.
     for step in range(NUM_STEPS):
         union = sorted({j for name, entry in TWO_TARGETS.items()
-                        for j in stats.selected_latents(name, step, entry["percentile"]).tolist()})
+                        for j in stats.selection_mask(name, entry["percentile"])[step].nonzero().flatten().tolist()})
         assert eraser.tables.latents[step, eraser.tables.valid[step]].tolist() == union
     calls = []
     monkeypatch.setattr(stats, "importance", lambda *args: calls.append(args))
@@ -231,6 +231,11 @@ def test_invalid_configuration_is_refused() -> None:
         ConceptEraser(sae, stats, {"Zebras": {"percentile": 99.0, "multiplier": -1.0}})
     with pytest.raises(ValueError, match="statistics have 16 latents but the SAE has 32"):
         ConceptEraser(sae, random_stats(num_latents=16), TWO_TARGETS)
+    sae.checkpoint_digest, stats.metadata["sae_digest"] = "0123", "4567"  # statistics of another SAE of this size
+    with pytest.raises(ValueError, match=r"computed with another SAE \(digest 4567\) than this one \(0123\)"):
+        ConceptEraser(sae, stats, TWO_TARGETS)
+    sae.checkpoint_digest = None  # an SAE made in memory has no digest to compare
+    ConceptEraser(sae, stats, TWO_TARGETS)
     with pytest.raises(ValueError, match="entry of 'Bears' must have 'percentile' and 'multiplier'"):
         ConceptEraser(sae, stats, {"Bears": {"multiplier": -1.0}})
     with pytest.raises(ValueError, match="at least one target concept"):
@@ -243,9 +248,6 @@ def test_invalid_configuration_is_refused() -> None:
 
 def test_step_errors() -> None:
     eraser = ConceptEraser(random_sae(), random_stats(), TWO_TARGETS)
-    eraser.check_steps(NUM_STEPS)
-    with pytest.raises(ValueError, match="computed with 3 sampling steps but sampling uses 50"):
-        eraser.check_steps(50)
     with pytest.raises(ValueError, match="Step 3 is outside the statistics' 3 sampling steps"):
         eraser.apply(random_hidden(1, 2, 2), 3)
     with pytest.raises(ValueError, match=r"expects a block output \[B, 8, H, W\]; got shape \(1, 4, 2, 2\)"):
