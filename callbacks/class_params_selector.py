@@ -8,10 +8,9 @@ evaluator reads from the erasure settings the generation run recorded next to it
 For each concept erased alone in some run, the selector keeps the candidate maximising `(UA_c + IRA_c) / 2`.
 SPEC §5 leaves ties open. `ties="milder"` (the default) gives them to the smaller |multiplier|, then to the larger
 percentile (fewer latents); `ties="stronger"` to the larger |multiplier|, then to the smaller percentile. Either way
-the run name decides last, so the choice never depends on the order runs are listed in. With a few validation
-images per concept, ties are the rule rather than the exception: every multiplier past some strength erases all of
-them at the same measured collateral, and the mildest of those is the likeliest to miss the concept's other
-images (measured on ToyCanvas: docs/toycanvas.md, "Ties").
+the run name decides last, so the choice never depends on the order runs are listed in. With few validation images
+per concept, ties are common (every multiplier past some strength erases all of them); which rule suits a setting
+is discussed in docs/toycanvas.md, "Ties".
 
 As a callback of the sweep's `test` runs it reselects after every evaluation, from all complete runs so far
 (runs without `results.json` are skipped with a warning): the last run of the sweep leaves the final choice.
@@ -30,11 +29,6 @@ from saemnesia.class_params import ConceptParams, save_class_params, validate_cl
 from saemnesia.evaluation import RESULTS_JSON
 
 Ties = Literal["milder", "stronger"]
-
-
-def check_ties(ties: str) -> None:
-    if ties not in get_args(Ties):
-        raise ValueError(f"ClassParamsSelector.ties must be one of {list(get_args(Ties))}, got {ties!r}.")
 
 
 class Candidate(NamedTuple):
@@ -87,7 +81,6 @@ def read_sweep(sweep_dir: str | Path) -> dict[str, list[Candidate]]:
 
 def select_class_params(sweep_dir: str | Path, ties: Ties = "milder") -> dict[str, ConceptParams]:
     """The best candidate of each concept (module docstring), in concept name order."""
-    check_ties(ties)
     return {concept: min(options, key=lambda candidate: candidate.rank(ties)).params
             for concept, options in sorted(read_sweep(sweep_dir).items())}
 
@@ -107,7 +100,8 @@ class ClassParamsSelector(pl.Callback):
         bad = [output for output in outputs if Path(output).suffix not in (".json", ".pth")]
         if bad:
             raise ValueError(f"ClassParamsSelector.outputs {bad} must end in .json or .pth.")
-        check_ties(ties)
+        if ties not in get_args(Ties):  # a Python caller's value (the CLI's Literal type refuses others)
+            raise ValueError(f"ClassParamsSelector.ties must be one of {list(get_args(Ties))}, got {ties!r}.")
         self.sweep_dir, self.outputs, self.ties = Path(sweep_dir), [Path(output) for output in outputs], ties
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
