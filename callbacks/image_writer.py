@@ -64,6 +64,14 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def generation_settings(module: HookedDiffusion) -> dict[str, Any]:
+    """The run's `generation.json` record (`SETTING_NAMES` and the erasure config) as JSON stores it."""
+    erasure = module.erasure
+    settings = {**{name: module.hparams[name] for name in SETTING_NAMES},
+                "erasure": asdict(erasure) if erasure is not None else None}
+    return json.loads(json.dumps(settings))  # tuples become lists
+
+
 def jpeg_bytes(image: Tensor) -> bytes:
     """A `[3, H, W]` image in [0, 1] as JPEG bytes, rounded to 8 bits as diffusers' `numpy_to_pil` does."""
     pixels = (image.permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy()  # [H, W, 3]
@@ -89,20 +97,16 @@ class ImageWriter(ResumableWriter):
             raise ValueError(f"Several prompt items map to the image files {repeated[:3]}; file names hold only "
                              "target, style, object and seed, so use one prompt per object and style (template "
                              "prompts, or data.pairing: anchor_i_style_i).")
-        erasure = pl_module.erasure
-        self.settings = {**{name: pl_module.hparams[name] for name in SETTING_NAMES},
-                         "erasure": asdict(erasure) if erasure is not None else None}
-        self._check_settings()
+        self._check_settings(generation_settings(pl_module))
         self._repair_rank_manifest(trainer)
         return {name for name in files if (self.folder / name).is_file()}
 
-    def _check_settings(self) -> None:
+    def _check_settings(self, settings: dict[str, Any]) -> None:
         """Refuse to mix runs: the folder's earlier images must come from the same generation settings."""
         path = self.folder / SETTINGS
         if not path.is_file() or next(self.folder.glob("*/*.jpg"), None) is None:
             return  # no earlier images (a run that failed before its first batch binds nothing)
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        settings = json.loads(json.dumps(self.settings))  # as stored: tuples become lists
         differing = [name for name in settings if earlier.get(name) != settings[name]]
         if differing:
             raise ValueError(f"{path} records images generated with other {differing} than this run's; resume with "
@@ -115,7 +119,7 @@ class ImageWriter(ResumableWriter):
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in read_manifest(path)))
 
     def claim(self, pl_module: HookedDiffusion) -> None:
-        atomic_write_text(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
+        atomic_write_text(self.folder / SETTINGS, json.dumps(generation_settings(pl_module), indent=2) + "\n")
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: HookedDiffusion, prediction: GenerationOutput,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:

@@ -79,7 +79,7 @@ class ActivationShardWriter(ResumableWriter):
                                   max_samples=self.max_samples, max_bytes=self.max_bytes,
                                   vocabulary=trainer.datamodule.vocabulary)
             self.rank_manifest = ShardManifest(pl_module.hparams.hookpoint, d_in, tokens_per_sample,
-                                                    pl_module.hparams.num_steps, trainer.datamodule.vocabulary)
+                                               pl_module.hparams.num_steps, trainer.datamodule.vocabulary)
         complete = len(self.sink.records)
         write_samples(self.sink, prediction, pl_module.hparams.hookpoint, pl_module.capture.halves)
         if len(self.sink.records) != complete:  # a shard was completed: list it before anything else can fail
