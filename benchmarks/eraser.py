@@ -23,7 +23,8 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from benchmarks.common import machine_description, print_json_line, synchronizer, time_call
+from benchmarks.common import (machine_description, matmul_flops_per_second, print_json_line, synchronizer,
+                               time_call)
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
 from saemnesia.erasure import ErasureConfig
 from saemnesia.generation import HookedDiffusion, PromptItem
@@ -128,13 +129,19 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     erased, dense = eraser.apply(hidden, step), dense_erase(sae, eraser.tables, hidden, step)
     eraser_s = timed(lambda: eraser.apply(hidden, step))
     dense_s = timed(lambda: dense_erase(sae, eraser.tables, hidden, step))
-    encoder_s = timed(lambda: sae.pre_acts(tokens).topk(sae.cfg.k, dim=-1, sorted=False))
+    encoder_s = timed(lambda: sae.encode(tokens))
+    # The encoder's matmul [B·N, d] × [d, L] is the eraser's floor; the machine's rate on it is the yardstick.
+    encoder_flops = 2 * tokens.shape[0] * tokens.shape[1] * config.d * config.latents
+    flops_per_s = matmul_flops_per_second(tokens.shape[0] * tokens.shape[1], config.d, config.latents,
+                                          hidden.device, hidden.dtype, warmup=config.warmup, repeats=config.repeats)
     return {
         "eraser_s": eraser_s,
         "dense_s": dense_s,
         "encoder_s": encoder_s,
         "eraser_over_dense": eraser_s / dense_s,
         "encoder_over_eraser": encoder_s / eraser_s,
+        "matmul_flops_per_s": flops_per_s,
+        "eraser_matmul_fraction": encoder_flops / (eraser_s * flops_per_s),
         "max_abs_difference": float((erased.float() - dense.float()).abs().max()),
         "tokens_changed": int((erased != hidden).any(dim=1).sum()),
     }
@@ -189,7 +196,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     print(f"[{config.batch}, {config.d}, {config.height}, {config.width}] {config.dtype}, L {config.latents}, "
           f"k {config.k}: eraser {cost['eraser_s'] * 1e3:.1f} ms, dense {cost['dense_s'] * 1e3:.1f} ms, "
           f"ratio {cost['eraser_over_dense']:.3f} (target <= 0.6); encoder alone {cost['encoder_s'] * 1e3:.1f} ms; "
-          f"max |eraser - dense| {cost['max_abs_difference']:.2e}, {cost['tokens_changed']} tokens changed")
+          f"matmul rate {cost['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, the eraser at "
+          f"{cost['eraser_matmul_fraction']:.2f} of it; max |eraser - dense| {cost['max_abs_difference']:.2e}, "
+          f"{cost['tokens_changed']} tokens changed")
     if config.generation_prompts > 0:
         report["generation"] = generation = hooked_generation_cost(
             TinyPipelineConfig(), SaeConfig(expansion_factor=16, k=8), prompts=config.generation_prompts,
