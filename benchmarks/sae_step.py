@@ -38,9 +38,9 @@ from benchmarks.common import (
     time_interleaved,
 )
 from saemnesia.concepts import NO_STYLE, UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
-from saemnesia.objectives import SupervisedLoss, UnsupervisedLoss
+from saemnesia.objectives import SupervisedObjective, UnsupervisedObjective
 from saemnesia.sae import EncoderBackward, SaeConfig, SparseAutoencoder
-from saemnesia.training import DeadLatentTracker, SAEModule
+from saemnesia.training import SAEModule
 
 Objective = Literal["unsupervised", "supervised"]
 VOCABULARY = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tuple(UNLEARNCANVAS_STYLES))
@@ -82,7 +82,7 @@ class BenchmarkConfig:
     dead_feature_threshold: int = 10_000_000
     """Tokens without firing before a latent is dead (AuxK runs only once some are). Published: 10M."""
     encoder_backward: EncoderBackward = "sparse"
-    """Encoder gradient of the unsupervised objective in both paths (`UnsupervisedLoss.encoder_backward`)."""
+    """Encoder gradient of the unsupervised objective in both paths (`UnsupervisedObjective.encoder_backward`)."""
     kernel_repeats: int = 3
     """Timed rounds of the kernel comparisons, each calling every candidate once (after one untimed round); the
     median is reported; 0 skips them."""
@@ -115,6 +115,13 @@ class BenchmarkConfig:
 
     def sae_config(self, objective: Objective) -> SaeConfig:
         return SaeConfig(num_latents=self.latents, k=self.k, batch_topk=self.batch_topk and objective == "unsupervised")
+
+    def objective_module(self, objective: Objective) -> UnsupervisedObjective | SupervisedObjective:
+        """The objective both paths train with; the supervised one with an explicit assignment (no assignment pass)."""
+        if objective == "unsupervised":
+            return UnsupervisedObjective(encoder_backward=self.encoder_backward,
+                                         dead_feature_threshold=self.dead_feature_threshold)
+        return SupervisedObjective(concept_latents=CONCEPT_LATENTS)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """What Lightning wraps the forward in at this precision: bf16 autocast on the device, or nothing."""
@@ -190,11 +197,9 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
     """The real `fit` path: `SAEModule` under a `Trainer`, fed by an in-memory DataLoader."""
     torch.manual_seed(config.seed)
     module = SAEModule(
-        d_in=config.d, activations_hookpoint="benchmark", vocabulary=VOCABULARY, objective=objective,
-        sae=config.sae_config(objective), concept_latents=CONCEPT_LATENTS if objective == "supervised" else None,
-        lr=LEARNING_RATES[objective], lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
-        dead_feature_threshold=config.dead_feature_threshold,
-        unsupervised=UnsupervisedLoss(encoder_backward=config.encoder_backward),
+        d_in=config.d, activations_hookpoint="benchmark", vocabulary=VOCABULARY,
+        objective=config.objective_module(objective), sae=config.sae_config(objective), lr=LEARNING_RATES[objective],
+        lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
     )
     timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(torch.device(config.device)))
     with tempfile.TemporaryDirectory() as root:
@@ -210,21 +215,19 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
 
 
 def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
-    """The same math without Lightning, in the order Lightning runs it: forward and loss (under autocast for
-    mixed precision), dead-latent update, backward, gradient projection, clipping, Adam, decoder renormalisation,
-    LR schedule."""
+    """The same math without Lightning, in the order Lightning runs it: the objective's forward (under autocast for
+    mixed precision, moving its dead-latent counters), backward, gradient projection, clipping, Adam, decoder
+    renormalisation, LR schedule."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     sae = SparseAutoencoder(config.d, config.sae_config(objective)).to(device)
-    tracker = DeadLatentTracker(sae.num_latents, config.dead_feature_threshold).to(device)
+    loss = config.objective_module(objective)
+    loss.bind(sae, VOCABULARY)
     optimizer = torch.optim.Adam(sae.parameters(), lr=LEARNING_RATES[objective])
     unsupervised = objective == "unsupervised"
     # The module's linear decay to 0 over max_steps is torch's LinearLR; the supervised schedule is constant.
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, config.total_steps) if unsupervised else None
-    renormalise = unsupervised and sae.cfg.normalize_decoder
-    unsupervised_loss, supervised_loss = UnsupervisedLoss(encoder_backward=config.encoder_backward), SupervisedLoss()
-    object_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.objects], device=device)
-    style_latents = torch.tensor([CONCEPT_LATENTS[name] for name in VOCABULARY.styles], device=device)
+    renormalise = loss.renormalises_decoder
     if unsupervised:
         sae.init_b_dec_to_geometric_median(batches[0]["act"])  # as SAEModule does on its first batch
     batch_stream: Iterator[dict[str, Tensor]] = iter(CycledBatches(batches, config.total_steps))
@@ -233,12 +236,7 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
         batch = next(batch_stream)
         optimizer.zero_grad()
         with config.autocast():
-            if unsupervised:
-                terms = unsupervised_loss(sae, batch["act"], tracker.dead_mask)
-            else:
-                terms = supervised_loss(sae, batch["act"], batch["object"], batch["style"], object_latents,
-                                        style_latents)
-            tracker.update(terms.latent_indices, terms.latent_acts)
+            terms = loss(sae, batch)
         terms.loss.backward()
         if renormalise:
             sae.remove_gradient_parallel_to_decoder_directions()
@@ -284,12 +282,10 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
     grad_out = torch.randn_like(x)  # [N, d]
 
     def loss_gradients(encoder_backward: EncoderBackward, dead_mask: Tensor | None) -> Callable[[], Sequence[Tensor]]:
-        loss = UnsupervisedLoss(encoder_backward=encoder_backward)
-
         def run() -> Sequence[Tensor]:
             with config.autocast():
-                terms = loss(sae, x, dead_mask)
-            return torch.autograd.grad(terms.loss, list(sae.parameters()))
+                out = sae(x, dead_mask=dead_mask, encoder_backward=encoder_backward)
+            return torch.autograd.grad(out.fvu + out.auxk_loss / 32, list(sae.parameters()))
         return run
 
     def decoder_gradients(decode: Callable[..., Tensor]) -> Callable[[], Sequence[Tensor]]:

@@ -46,21 +46,35 @@ class SaeConfig:
     """Add the Multi-TopK auxiliary FVU (reconstruction from the top `4k` latents) to the unsupervised loss."""
 
 
+class SparseCode(NamedTuple):
+    """A TopK code: per token `[..., K]` (`offsets` None), or flat `[M]` grouped by token with `offsets [N]`, the start
+    of each token's values (the layout of `F.embedding_bag`; batch and sample TopK keep a varying number per token)."""
+
+    acts: Tensor
+    """Values of the active latents."""
+    indices: Tensor
+    """Their latent indices, in the layout of `acts`."""
+    offsets: Tensor | None
+    """`[N]` start of each token's values in a flat code; None for a per-token code."""
+
+
 class ForwardOutput(NamedTuple):
     """What one forward pass computes; shapes for `x` of shape `[..., d]` and `N` tokens."""
 
     sae_out: Tensor
     """Reconstruction `[..., d]`."""
     latent_acts: Tensor
-    """Values of the active latents `[..., K]` (K = k, or the widest token for batch/sample TopK)."""
+    """Values of the active latents: `[..., k]` per token, or flat `[M]` for batch/sample TopK (`latent_offsets`)."""
     latent_indices: Tensor
-    """Indices of the active latents `[..., K]`."""
+    """Indices of the active latents, in the layout of `latent_acts`."""
     fvu: Tensor
     """Fraction of variance unexplained, a scalar (SPEC §2.1)."""
     auxk_loss: Tensor
     """AuxK dead-latent loss, a scalar; 0 when no dead mask is given or no latent is dead."""
     multi_topk_fvu: Tensor
     """FVU of the top-`4k` reconstruction, a scalar; 0 unless `cfg.multi_topk`."""
+    latent_offsets: Tensor | None = None
+    """Batch/sample TopK: `[N]` start of each token's values in the flat code (`SparseCode.offsets`); else None."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -116,25 +130,29 @@ class SparseAutoencoder(nn.Module):
         sums.scatter_add_(1, indices.flatten(1), acts.flatten(1))  # [B, L] from [B, N·k] values
         return sums / x.shape[1]
 
-    def training_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """Sparsify dense activations `[..., L]` with the TopK variant of `cfg` (per token, batch or sample), as
-        unsupervised training uses it; returns `(acts, indices)` `[..., K]`."""
+    def training_topk(self, pre_acts: Tensor) -> SparseCode:
+        """Sparsify dense activations `[..., L]` with the TopK variant of `cfg`, as unsupervised training uses it: per
+        token, or one top-k over each pool of `n` tokens (the batch, or each sample `[n, L]` of `[B, n, L]`) keeping
+        `k·n` (batch) or `k` (sample) values, returned flat and grouped by token (`SparseCode`)."""
         if not (self.cfg.batch_topk or self.cfg.sample_topk):
-            return self.topk(pre_acts)
-        if self.cfg.batch_topk:
-            pools = pre_acts.reshape(1, -1, self.num_latents)  # [1, N, L]: the whole batch is one pool
-            acts, indices = _pooled_topk(pools, self.cfg.k * pools.shape[1])
-        else:
-            if pre_acts.ndim < 3:
-                raise ValueError(f"sample_topk needs inputs shaped [B, N, d]; got {pre_acts.ndim - 1} dims before L.")
-            pools = pre_acts.reshape(-1, pre_acts.shape[-2], self.num_latents)  # [B, N, L]
-            acts, indices = _pooled_topk(pools, self.cfg.k)
-        return acts.reshape(*pre_acts.shape[:-1], -1), indices.reshape(*pre_acts.shape[:-1], -1)
+            return SparseCode(*self.topk(pre_acts), None)
+        if self.cfg.sample_topk and pre_acts.ndim < 3:
+            raise ValueError(f"sample_topk needs inputs shaped [B, N, d]; got {pre_acts.ndim - 1} dims before L.")
+        tokens = pre_acts.shape[-2] if self.cfg.sample_topk else pre_acts.numel() // self.num_latents  # per pool
+        pools = pre_acts.reshape(-1, tokens * self.num_latents)  # [P, n·L], token-major
+        keep = self.cfg.k if self.cfg.sample_topk else self.cfg.k * tokens
+        acts, flat = pools.topk(keep, dim=-1, sorted=False)  # [P, keep]; flat = token·L + latent within the pool
+        flat = flat + torch.arange(0, pools.numel(), pools.shape[1], device=flat.device)[:, None]  # [P, keep] global
+        flat, order = flat.flatten().sort()  # [P·keep], grouped by token as the embedding bag needs
+        token = flat // self.num_latents
+        offsets = torch.searchsorted(token, torch.arange(pools.numel() // self.num_latents, device=token.device))
+        return SparseCode(acts.flatten()[order], flat % self.num_latents, offsets)
 
     # -- decoding -------------------------------------------------------------------------------------------
-    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """`Σ_i v_i W_dec[idx_i] + b_dec` for each token: `[..., K]` → `[..., d]`; never forms the dense code."""
-        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+    def decode(self, top_acts: Tensor, top_indices: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """`Σ_i v_i W_dec[idx_i] + b_dec` for each token: `[..., K]` → `[..., d]`, or a flat code `[M]` with `offsets`
+        (`SparseCode`) → `[N, d]`; never forms the dense code."""
+        return sparse_decode(top_acts, top_indices, self.W_dec, offsets) + self.b_dec
 
     # -- training forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, dead_mask: Tensor | None = None,
@@ -153,47 +171,41 @@ class SparseAutoencoder(nn.Module):
         centered = x - self.b_dec  # [..., d]: the encoder's input, differentiable in both modes
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             pre_acts = F.relu(self.encoder(centered))  # [..., L]
-        top_acts, top_indices = self.training_topk(pre_acts)
-        top_acts = self._with_encoder_grad(top_acts, top_indices, centered, sparse)
-        sae_out = self.decode(top_acts, top_indices)
+        flat_centered = centered.reshape(-1, self.d_in)  # [N, d]
+        code = self.training_topk(pre_acts)
+        top_acts = self._with_encoder_grad(code, centered if code.offsets is None else flat_centered, sparse)
+        sae_out = self.decode(top_acts, code.indices, code.offsets).reshape(x.shape)  # [..., d]
 
-        flat_x = x.reshape(-1, self.d_in)  # [N, d]
+        flat_x, flat_out = x.reshape(-1, self.d_in), sae_out.reshape(-1, self.d_in)  # [N, d]
         total_variance = (flat_x - flat_x.mean(0)).pow(2).sum()
-        fvu = (sae_out.reshape(-1, self.d_in) - flat_x).pow(2).sum() / total_variance
+        fvu = (flat_out - flat_x).pow(2).sum() / total_variance
+        flat_pre_acts = pre_acts.reshape(-1, self.num_latents)  # [N, L]
 
         zero = fvu.new_zeros(())
         auxk_loss = zero
-        if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
-            auxk_loss = self._auxk_loss(pre_acts.reshape(-1, self.num_latents), centered.reshape(-1, self.d_in),
-                                        flat_x, sae_out.reshape(-1, self.d_in), dead_mask, num_dead, total_variance,
-                                        sparse)
+        if dead_mask is not None:
+            # Top min(d/2, L) of the dead pre-activations with live ones zeroed: the top min(d/2, #dead) dead latents
+            # and zeros, so no host sync is needed to size the top-k (SPEC §2.1).
+            dead_acts = flat_pre_acts.masked_fill(~dead_mask, 0.0)  # [N, L]
+            aux = SparseCode(*dead_acts.topk(min(self.d_in // 2, self.num_latents), dim=-1, sorted=False), None)
+            residual_hat = sparse_decode(self._with_encoder_grad(aux, flat_centered, sparse), aux.indices, self.W_dec)
+            scale = (dead_mask.sum() / (self.d_in // 2)).clamp(max=1.0)
+            # e = x − x̂ is a constant target; ê has no b_dec: it predicts a residual.
+            auxk_loss = scale * (residual_hat - (flat_x - flat_out).detach()).pow(2).sum() / total_variance
         multi_topk_fvu = zero
         if self.cfg.multi_topk:
-            multi_acts, multi_indices = pre_acts.topk(4 * self.cfg.k, dim=-1, sorted=False)
-            multi_acts = self._with_encoder_grad(multi_acts, multi_indices, centered, sparse)
-            multi_out = self.decode(multi_acts, multi_indices).reshape(-1, self.d_in)
+            multi = SparseCode(*flat_pre_acts.topk(4 * self.cfg.k, dim=-1, sorted=False), None)
+            multi_out = self.decode(self._with_encoder_grad(multi, flat_centered, sparse), multi.indices)  # [N, d]
             multi_topk_fvu = (multi_out - flat_x).pow(2).sum() / total_variance
-        return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
+        return ForwardOutput(sae_out, top_acts, code.indices, fvu, auxk_loss, multi_topk_fvu, code.offsets)
 
-    def _with_encoder_grad(self, acts: Tensor, indices: Tensor, centered: Tensor, sparse: bool) -> Tensor:
-        """Selected activations `[..., K]`; in sparse mode they were selected without autograd and get their encoder
-        gradient from `SparseEncoderGrad` (`centered [..., d]` has the same leading dimensions)."""
+    def _with_encoder_grad(self, code: SparseCode, centered: Tensor, sparse: bool) -> Tensor:
+        """The code's values; in sparse mode they were selected without autograd and get their encoder gradient from
+        `SparseEncoderGrad` (`centered` holds the code's tokens: `[..., d]` per token, `[N, d]` for a flat code)."""
         if not sparse:
-            return acts
-        return SparseEncoderGrad.apply(acts, indices, centered, self.encoder.weight, self.encoder.bias)
-
-    def _auxk_loss(self, pre_acts: Tensor, centered: Tensor, x: Tensor, sae_out: Tensor, dead_mask: Tensor,
-                   num_dead: int, total_variance: Tensor, sparse: bool) -> Tensor:
-        """AuxK of Gao et al. (2024) as SPEC §2.1 fixes it: dead latents predict the detached residual."""
-        half_d = self.d_in // 2
-        k_aux = min(half_d, num_dead)
-        scale = min(num_dead / half_d, 1.0)
-        dead_pre_acts = pre_acts.masked_fill(~dead_mask, float("-inf"))  # [N, L], live latents excluded
-        aux_acts, aux_indices = dead_pre_acts.topk(k_aux, dim=-1, sorted=False)
-        aux_acts = self._with_encoder_grad(aux_acts, aux_indices, centered, sparse)
-        residual = (x - sae_out).detach()  # e = x − x̂, a constant target
-        residual_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)  # no b_dec: it predicts a residual
-        return scale * (residual_hat - residual).pow(2).sum() / total_variance
+            return code.acts
+        return SparseEncoderGrad.apply(code.acts, code.indices, code.offsets, centered, self.encoder.weight,
+                                       self.encoder.bias)
 
     # -- decoder geometry -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,20 +255,23 @@ def state_digest(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor) -> Tensor:
-    """`Σ_i acts_i · W_dec[idx_i]` per token, `[..., K]` → `[..., d]`, as an embedding bag (no dense code)."""
-    flat_acts = top_acts.reshape(-1, top_acts.shape[-1])  # [N, K]
-    flat_indices = top_indices.reshape(-1, top_indices.shape[-1])  # [N, K]
-    out = F.embedding_bag(flat_indices, W_dec, per_sample_weights=flat_acts.to(W_dec.dtype), mode="sum")
+def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """`Σ_i acts_i · W_dec[idx_i]` per token as an embedding bag (no dense code): a per-token code `[..., K]` →
+    `[..., d]`, or a flat code `[M]` grouped by token with `offsets [N]` → `[N, d]`."""
+    if offsets is not None:
+        return F.embedding_bag(top_indices, W_dec, offsets, per_sample_weights=top_acts.to(W_dec.dtype), mode="sum")
+    width = top_acts.shape[-1]
+    out = F.embedding_bag(top_indices.reshape(-1, width), W_dec, mode="sum",
+                          per_sample_weights=top_acts.reshape(-1, width).to(W_dec.dtype))  # [N, d] from [N, K] bags
     return out.reshape(*top_acts.shape[:-1], W_dec.shape[-1])  # [..., d]
 
 
 class SparseEncoderGrad(torch.autograd.Function):
     """The encoder gradient of selected activations, without the dense pre-activations.
 
-    Forward returns `acts [..., K]` (post-ReLU activations of latents `indices [..., K]`, selected from
+    Forward returns the values `acts` of a `SparseCode` (`indices`, `offsets`: post-ReLU activations selected from
     pre-activations computed without autograd) unchanged. Backward, with `g` their gradient where they are positive
-    (ReLU's derivative; the zero padding of batch and sample TopK codes gets none) and `c = x − b_dec`:
+    (ReLU's derivative; zero values, such as AuxK's zeroed live latents, get none) and `c = x − b_dec` per token:
     `∂/∂c = Σ_j g_j W_enc[idx_j]` is an embedding bag of encoder rows, `∂/∂W_enc[i] = Σ_{(n, j): idx_nj = i} g_nj c_n`
     is that bag's own weight gradient for the output gradient `c`, and `∂/∂b_enc[i] = Σ_{(n, j): idx_nj = i} g_nj`.
     One embedding-bag forward and backward replace the two dense `[N, L]`-sized matmuls of the dense backward.
@@ -264,37 +279,22 @@ class SparseEncoderGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, acts: Tensor, indices: Tensor, centered: Tensor, weight: Tensor,
-                bias: Tensor) -> Tensor:
-        ctx.save_for_backward(acts, indices, centered, weight)
+    def forward(ctx: FunctionCtx, acts: Tensor, indices: Tensor, offsets: Tensor | None, centered: Tensor,
+                weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(acts, indices, offsets, centered, weight)
         return acts.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_acts: Tensor) -> tuple[None, None, Tensor, Tensor, Tensor]:
-        acts, indices, centered, weight = ctx.saved_tensors
+    def backward(ctx: Any, grad_acts: Tensor) -> tuple[None, None, None, Tensor, Tensor, Tensor]:
+        acts, indices, offsets, centered, weight = ctx.saved_tensors
         active_grad = torch.where(acts > 0, grad_acts, 0.0).to(weight.dtype)  # [..., K]
         weight_leaf = weight.detach().requires_grad_()
         with torch.enable_grad():
-            grad_centered = sparse_decode(active_grad, indices, weight_leaf)  # [..., d]
+            grad_centered = sparse_decode(active_grad, indices, weight_leaf, offsets)  # the shape of `centered`
         (grad_weight,) = torch.autograd.grad(grad_centered, weight_leaf, centered.to(weight.dtype))  # [L, d]
         grad_bias = weight.new_zeros(weight.shape[0]).index_add_(0, indices.flatten(), active_grad.flatten())  # [L]
-        return None, None, grad_centered.detach().to(centered.dtype), grad_weight, grad_bias
-
-
-def _pooled_topk(pre_acts: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """Keep the `keep` largest activations of each pool `[P, N, L]` of N tokens (batch / sample TopK).
-
-    Returns per-token `(acts, indices)` `[P, N, W]`, zero-padded to the widest token W, so the result decodes
-    with `sparse_decode` like a per-token code.
-    """
-    pools, tokens, num_latents = pre_acts.shape
-    flat = pre_acts.reshape(pools, tokens * num_latents)  # [P, N·L]
-    threshold = flat.topk(min(keep, flat.shape[1]), dim=-1, sorted=False).values.min(dim=-1).values  # [P]
-    # Ties at the threshold may keep a few extra activations; with continuous inputs they do not occur.
-    kept = torch.where(pre_acts >= threshold[:, None, None], pre_acts, 0.0)  # [P, N, L]
-    width = max(1, int((kept > 0).sum(-1).max()))
-    return kept.topk(width, dim=-1, sorted=False)  # [P, N, W]
+        return None, None, None, grad_centered.detach().to(centered.dtype), grad_weight, grad_bias
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import write_synthetic_shards
 from safetensors.torch import load_file
 
@@ -16,7 +17,8 @@ from cli import main
 from datamodules.activations import ActivationDataModule
 from saemnesia.concepts import load_concept_latents
 from saemnesia.sae import SparseAutoencoder
-from saemnesia.training import estimate_concept_latents
+from saemnesia import training  # noqa: F401  (allows the checkpoints' hyper-parameter classes in weights_only loads)
+from saemnesia.objectives import estimate_concept_latents
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKPOINT = "unet.mid_block"  # the synthetic shards' hookpoint
@@ -54,12 +56,30 @@ def test_toy_configs_fit_and_export_through_the_cli(toy_run):
     assert not torch.equal(supervised.W_dec, unsupervised.W_dec)  # fine-tuning started from, and moved, the SAE
 
 
-def test_print_config_shows_the_linked_recipe(toy_run, capsys):
+def printed_model(config: str, capsys: pytest.CaptureFixture) -> tuple[str, dict]:
+    """`--print_config` of a config: the whole text and the model's `init_args`."""
     with pytest.raises(SystemExit):
-        main(["fit", "-c", str(REPO / "configs/sd15_unlearncanvas/sae_supervised.yaml"), "--print_config"])
+        main(["fit", "-c", str(REPO / config), "--print_config"])
     printed = capsys.readouterr().out
-    assert "objective: supervised" in printed and "lr: 5.0e-06" in printed
+    return printed, yaml.safe_load(printed)["model"]["init_args"]
+
+
+def test_print_config_shows_the_linked_recipe(toy_run, capsys):
+    printed, model = printed_model("configs/sd15_unlearncanvas/sae_supervised.yaml", capsys)
+    assert model["objective"]["class_path"] == "saemnesia.objectives.SupervisedObjective" and model["lr"] == 5e-6
     assert "reload_dataloaders_every_n_epochs: 1" in printed
+
+
+@pytest.mark.parametrize(("config", "own", "foreign"), [
+    ("configs/toy/sae.yaml", {"auxk_alpha", "dead_feature_threshold", "encoder_backward"},
+     {"concept_weight", "assignment_batches", "concept_latents", "concept_logits"}),
+    ("configs/toy/sae_supervised.yaml", {"concept_weight", "assignment_batches", "concept_latents"},
+     {"auxk_alpha", "dead_feature_threshold", "encoder_backward", "multi_topk_weight"}),
+])
+def test_each_objective_shows_only_its_own_options(toy_run, capsys, config, own, foreign):
+    printed, model = printed_model(config, capsys)
+    assert own <= set(model["objective"]["init_args"])
+    assert not any(name in printed for name in foreign)
 
 
 def test_a_class_error_surfaces_as_its_own_sentence(toy_run):
@@ -118,13 +138,13 @@ def test_two_process_ddp_fit_keeps_ranks_identical(toy_run):
     cli_subprocess(workdir, data, *ddp)
     rank0 = assert_ranks_identical(workdir / "final")
     # Counters move by the tokens of both ranks (6 steps × 64 tokens × 2 ranks at most).
-    assert 6 * 64 < rank0["dead_latents.tokens_since_fired"].max() <= 6 * 64 * 2
+    assert 6 * 64 < rank0["objective.tokens_since_fired"].max() <= 6 * 64 * 2
     unsupervised = SparseAutoencoder.load(workdir / "runs/toy/sae", HOOKPOINT)
     torch.testing.assert_close(unsupervised.W_dec, rank0["sae.W_dec"])  # rank 0 exported what the ranks share
 
     # Fine-tuning: both ranks reduce the assignment statistics, then train in step.
-    cli_subprocess(workdir, data, *ddp, "--model.init_args.assignment_batches=2", "--data.init_args.batch_size=4",
-                   config="configs/toy/sae_supervised.yaml")
+    cli_subprocess(workdir, data, *ddp, "--model.init_args.objective.init_args.assignment_batches=2",
+                   "--data.init_args.batch_size=4", config="configs/toy/sae_supervised.yaml")
     rank0 = assert_ranks_identical(workdir / "final")
     assert not torch.equal(rank0["sae.W_dec"], unsupervised.W_dec)
     latents = load_concept_latents(workdir / "runs/toy/sae_supervised" / HOOKPOINT / "concept_latents.json")
@@ -150,7 +170,7 @@ def test_two_nodes_of_one_process_train_in_step(toy_run):
         wait_for_cli(process, workdir / f"node{node}.log")
     rank0 = assert_ranks_identical(workdir / "final")  # node 1's process ran as global rank 1
     # Both nodes' tokens reached the shared dead-latent counters (6 steps × 64 tokens × 2 ranks at most).
-    assert 6 * 64 < rank0["dead_latents.tokens_since_fired"].max() <= 6 * 64 * 2
+    assert 6 * 64 < rank0["objective.tokens_since_fired"].max() <= 6 * 64 * 2
     unsupervised = SparseAutoencoder.load(workdir / "runs/toy/sae", HOOKPOINT)
     torch.testing.assert_close(unsupervised.W_dec, rank0["sae.W_dec"])
 
@@ -161,8 +181,8 @@ def test_resumed_training_equals_uninterrupted_training(toy_run):
     # Interrupted after the first epoch (3 steps), then resumed from the last checkpoint with the same command.
     cli_subprocess(toy_run / "resumed", data, "--trainer.callbacks+=cli_probes.StopAtStep",
                    "--trainer.callbacks.step=3")
-    last = torch.load(toy_run / "resumed/runs/toy/sae/checkpoints/last.ckpt", weights_only=False)
-    assert last["global_step"] == 3
+    last = torch.load(toy_run / "resumed/runs/toy/sae/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3 and "objective.tokens_since_fired" in last["state_dict"]
     cli_subprocess(toy_run / "resumed", data, "--ckpt_path=last")
     straight = load_file(str(toy_run / "straight/final/rank0.safetensors"))
     resumed = load_file(str(toy_run / "resumed/final/rank0.safetensors"))

@@ -1,13 +1,23 @@
-"""Training objectives against naive per-sample loops in float64 (SPEC §2)."""
+"""Training objectives against naive per-sample loops in float64 (SPEC §2), and the concept assignment."""
 
 import math
 
 import pytest
 import torch
 
-from saemnesia.concepts import NO_STYLE
-from saemnesia.objectives import SupervisedLoss, UnsupervisedLoss
+from saemnesia.concepts import NO_STYLE, ConceptVocabulary
+from saemnesia.objectives import SupervisedObjective, UnsupervisedObjective
 from saemnesia.sae import SaeConfig, SparseAutoencoder
+
+VOCABULARY = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism", "Monet"))
+LATENTS = {"Bears": 7, "Cats": 2, "Cubism": 11, "Monet": 0}
+
+
+def supervised(sae: SparseAutoencoder, vocabulary: ConceptVocabulary = VOCABULARY,
+               concept_latents: dict[str, int] = LATENTS, **options) -> SupervisedObjective:
+    objective = SupervisedObjective(concept_latents=concept_latents, **options)
+    objective.bind(sae, vocabulary)
+    return objective
 
 
 def make_sae(batch_topk: bool = False) -> SparseAutoencoder:
@@ -63,48 +73,74 @@ def naive_supervised(sae, x, objects, styles, object_latents, style_latents, wei
 
 
 @pytest.mark.parametrize("concept_logits", ["post_relu", "pre_relu"])
-def test_supervised_loss_matches_naive_loop(concept_logits):
+def test_supervised_loss_and_hit_rates_match_naive_loop(concept_logits):
     sae = make_sae(batch_topk=True)  # fine-tuning must use per-token TopK even from a BatchTopK SAE
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     objects = torch.tensor([0, 1, 1, 0])
     styles = torch.tensor([1, NO_STYLE, 0, 0])
     object_latents, style_latents = torch.tensor([7, 2]), torch.tensor([11, 0])
-    objective = SupervisedLoss(rec_weight=1.0, concept_weight=3.0, sparsity_weight=0.01, concept_logits=concept_logits)
-    terms = objective(sae, x, objects, styles, object_latents, style_latents)
+    objective = supervised(sae, rec_weight=1.0, concept_weight=3.0, sparsity_weight=0.01, concept_logits=concept_logits)
+    terms = objective(sae, {"act": x, "object": objects, "style": styles})
     expected = naive_supervised(sae, x, objects, styles, object_latents, style_latents, (1.0, 3.0, 0.01),
                                 logits_before_relu=concept_logits == "pre_relu")
     for name, value in expected.items():
         assert getattr(terms, name).item() == pytest.approx(value, rel=1e-9), name
-    assert terms.concept_logits.shape == (4, 4) and terms.latent_indices.shape == (12, 3)
+    assert terms.concept_logits.shape == (4, 4) and terms.l0.item() == 3.0  # k = 3 positive values per token
+
+    # Hit rates: the share of samples whose own latent has the largest logit among the objects' (styles'), styles
+    # over the styled samples only.
+    logits = terms.concept_logits
+    object_hits = [int(logits[b, :2].argmax()) == int(objects[b]) for b in range(4)]
+    style_hits = [int(logits[b, 2:].argmax()) == int(styles[b]) for b in range(4) if styles[b] != NO_STYLE]
+    rates = {name: metric.compute().item() for name, metric in objective.epoch_metrics("train").items()}
+    assert rates == pytest.approx({"object_hit_rate": sum(object_hits) / 4, "style_hit_rate": sum(style_hits) / 3})
+    assert objective.epoch_metrics("val")["object_hit_rate"].weight == 0  # training mode updates the train rates
 
 
 def test_post_relu_logits_cannot_go_below_zero_but_pre_relu_can():
     sae = make_sae()
     with torch.no_grad():
         sae.encoder.bias[3] = -50.0  # latent 3 never fires
-    x = torch.randn(2, 3, 5, dtype=torch.float64)
-    no_styles = torch.tensor([], dtype=torch.long)
-    args = (sae, x, torch.tensor([0, 0]), torch.tensor([NO_STYLE, NO_STYLE]), torch.tensor([3]), no_styles)
-    assert SupervisedLoss(concept_logits="post_relu")(*args).concept_logits.min() == 0.0
-    assert SupervisedLoss(concept_logits="pre_relu")(*args).concept_logits.max() < -40.0
-    assert SupervisedLoss()(*args).decorrelation.item() == 0.0  # no styles: nothing to decorrelate
+    batch = {"act": torch.randn(2, 3, 5, dtype=torch.float64), "object": torch.tensor([0, 0]),
+             "style": torch.tensor([NO_STYLE, NO_STYLE])}
+    objects_only = ConceptVocabulary(objects=("Bears",))
+    args = dict(vocabulary=objects_only, concept_latents={"Bears": 3})
+    assert supervised(sae, concept_logits="post_relu", **args)(sae, batch).concept_logits.min() == 0.0
+    assert supervised(sae, concept_logits="pre_relu", **args)(sae, batch).concept_logits.max() < -40.0
+    assert supervised(sae, **args)(sae, batch).decorrelation.item() == 0.0  # no styles: nothing to decorrelate
 
 
 def test_unsupervised_loss_combines_terms_with_its_weights():
     sae = make_sae()
     sae.cfg.multi_topk = True
     x = torch.randn(16, 5, dtype=torch.float64)
-    dead = torch.zeros(20, dtype=torch.bool)
-    dead[:6] = True
-    terms = UnsupervisedLoss(auxk_alpha=0.5, multi_topk_weight=0.25)(sae, x, dead)
+    objective = UnsupervisedObjective(auxk_alpha=0.5, multi_topk_weight=0.25, dead_feature_threshold=10)
+    objective.bind(sae, None)
+    objective.tokens_since_fired[:6] = 10  # 6 dead latents
+    dead = objective.dead_mask.clone()
+    terms = objective(sae, {"act": x})
     out = sae(x, dead_mask=dead)
     assert terms.loss.item() == pytest.approx((out.fvu + 0.5 * out.auxk_loss + 0.25 * out.multi_topk_fvu).item())
-    assert terms.auxk.item() > 0 and terms.multi_topk_fvu.item() > 0
+    assert terms.auxk.item() > 0 and terms.multi_topk_fvu.item() > 0 and terms.l0.item() == 3.0
+    objective.eval()  # validation: no AuxK, counters unchanged
+    counters = objective.tokens_since_fired.clone()
+    assert objective(sae, {"act": x}).auxk.item() == 0.0 and torch.equal(objective.tokens_since_fired, counters)
 
 
 def test_negative_weights_are_refused_naming_them():
-    with pytest.raises(ValueError, match=r"model.supervised weights must be >= 0; got \{'concept_weight': -3.0\}"):
-        SupervisedLoss(concept_weight=-3.0)
-    with pytest.raises(ValueError, match="model.unsupervised weights must be >= 0; got auxk_alpha=-1"):
-        UnsupervisedLoss(auxk_alpha=-1)
-    assert SupervisedLoss(sparsity_weight=0.0).sparsity_weight == 0.0  # zero switches a term off
+    with pytest.raises(ValueError, match=r"model.objective weights must be >= 0; got \{'concept_weight': -3.0\}"):
+        SupervisedObjective(concept_weight=-3.0)
+    with pytest.raises(ValueError, match=r"model.objective weights must be >= 0; got \{'auxk_alpha': -1\}"):
+        UnsupervisedObjective(auxk_alpha=-1)
+    assert SupervisedObjective(sparsity_weight=0.0).sparsity_weight == 0.0  # zero switches a term off
+
+
+def test_supervised_objective_needs_the_vocabulary_and_valid_latents():
+    sae = make_sae()
+    with pytest.raises(ValueError, match="needs the concept vocabulary"):
+        SupervisedObjective().bind(sae, None)
+    with pytest.raises(ValueError, match="model.objective.concept_latents binds several concepts"):
+        supervised(sae, concept_latents={"Bears": 1, "Cats": 1, "Cubism": 2, "Monet": 3})
+    unassigned = SupervisedObjective()
+    unassigned.bind(sae, VOCABULARY)
+    assert unassigned.concept_latents is None and supervised(sae).concept_latents == LATENTS

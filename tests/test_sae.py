@@ -20,8 +20,18 @@ def naive_pre_acts(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.clamp(W @ (token - sae.b_dec.detach()) + b, min=0) for token in x])
 
 
-def dense_code(values: torch.Tensor, indices: torch.Tensor, num_latents: int) -> torch.Tensor:
-    return torch.zeros(*values.shape[:-1], num_latents, dtype=values.dtype).scatter(-1, indices, values)
+def dense_code(values: torch.Tensor, indices: torch.Tensor, num_latents: int,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense code `[..., L]` of a per-token code, or `[N, L]` of a flat one, token by token from its offsets."""
+    if offsets is None:
+        return torch.zeros(*values.shape[:-1], num_latents, dtype=values.dtype).scatter(-1, indices, values)
+    bounds = [*offsets.tolist(), len(values)]
+    dense = torch.zeros(len(offsets), num_latents, dtype=values.dtype)
+    for token in range(len(offsets)):
+        for position in range(bounds[token], bounds[token + 1]):
+            assert dense[token, indices[position]] == 0  # each latent once per token
+            dense[token, indices[position]] = values[position]
+    return dense
 
 
 def test_per_token_topk_keeps_the_k_largest_and_decodes_like_dense():
@@ -42,22 +52,29 @@ def test_per_token_topk_keeps_the_k_largest_and_decodes_like_dense():
 def test_batch_topk_keeps_k_times_n_largest_over_the_batch():
     sae = make_sae(batch_topk=True)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
-    acts, indices = sae.training_topk(sae.pre_acts(x))
-    dense = dense_code(acts, indices, 24)  # [2, 5, 24]
+    code = sae.training_topk(sae.pre_acts(x))
+    assert code.acts.shape == code.indices.shape == (30,) and code.offsets.shape == (10,)  # k·N values, flat
+    dense = dense_code(code.acts, code.indices, 24, code.offsets)  # [10, 24]
     pre = naive_pre_acts(sae, x.reshape(10, 6))
     threshold = pre.flatten().sort(descending=True).values[3 * 10 - 1]
-    torch.testing.assert_close(dense.reshape(10, 24), torch.where(pre >= threshold, pre, 0.0))
-    assert int((dense > 0).sum()) == 30
+    torch.testing.assert_close(dense, torch.where(pre >= threshold, pre, 0.0))
+    out = sae(x)  # the forward decodes the same code
+    torch.testing.assert_close(out.sae_out, (dense @ sae.W_dec.detach() + sae.b_dec.detach()).reshape(2, 5, 6))
+    assert torch.equal(out.latent_offsets, code.offsets) and torch.equal(out.latent_indices, code.indices)
 
 
 def test_sample_topk_keeps_k_per_sample():
     sae = make_sae(sample_topk=True)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
-    dense = dense_code(*sae.training_topk(sae.pre_acts(x)), 24)  # [3, 4, 24]
+    code = sae.training_topk(sae.pre_acts(x))
+    dense = dense_code(code.acts, code.indices, 24, code.offsets).reshape(3, 4, 24)
     for sample in range(3):
         pre = naive_pre_acts(sae, x[sample])
         threshold = pre.flatten().sort(descending=True).values[2]
         torch.testing.assert_close(dense[sample], torch.where(pre >= threshold, pre, 0.0))
+    reference = dense.reshape(12, 24) @ sae.W_dec.detach() + sae.b_dec.detach()  # [12, 6]
+    variance = ((x.reshape(12, 6) - x.reshape(12, 6).mean(0)) ** 2).sum()
+    assert sae(x).fvu.item() == pytest.approx((((reference - x.reshape(12, 6)) ** 2).sum() / variance).item(), rel=1e-10)
     with pytest.raises(ValueError, match="sample_topk needs inputs shaped"):
         sae.training_topk(sae.pre_acts(x[0, 0]))
 
@@ -110,6 +127,19 @@ def test_auxk_matches_spec_and_only_trains_dead_latents():
     out.auxk_loss.backward()
     trained_rows = sae.W_dec.grad.abs().sum(1) > 0
     assert trained_rows.any() and not (trained_rows & ~dead).any()  # the residual is a constant
+
+
+def test_auxk_with_fewer_dead_latents_than_d_over_2_decodes_all_of_them():
+    sae = make_sae(d=8, latents=32, k=2, batch_topk=True)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[4, 17, 30]] = True  # 3 dead latents < d/2 = 4: k_aux = 3, scale = 3/4
+    out = sae(x, dead_mask=dead)
+    pre = naive_pre_acts(sae, x)
+    prediction = pre[:, dead] @ sae.W_dec.detach()[dead]  # every dead latent of every token
+    variance = ((x - x.mean(0)) ** 2).sum()
+    expected = 0.75 * ((prediction - (x - out.sae_out.detach())) ** 2).sum() / variance
+    assert out.auxk_loss.item() == pytest.approx(expected.item(), rel=1e-10)
 
 
 def test_auxk_scale_with_few_dead_latents():
@@ -171,14 +201,16 @@ def loss_and_gradients(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tens
     return loss.detach(), dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
 
 
+@pytest.mark.parametrize("period", [2, 16])
 @pytest.mark.parametrize("cfg", [dict(), dict(batch_topk=True), dict(sample_topk=True), dict(multi_topk=True)])
-def test_sparse_encoder_backward_gives_the_dense_gradients(cfg):
+def test_sparse_encoder_backward_gives_the_dense_gradients(cfg, period):
     """The sparse backward reaches the encoder only through the selected latents (TopK, AuxK, Multi-TopK): in float64
-    every gradient must equal plain autograd through the dense pre-activations. Half the latents are dead, so AuxK's
-    latents (which may overlap the TopK code) contribute too; batch TopK pads codes with zeros that get none."""
+    every gradient must equal plain autograd through the dense pre-activations. With 16 dead latents (≥ d/2) AuxK's
+    latents (which may overlap the TopK code) contribute too; with 2 (< d/2) AuxK's code holds zeroed live latents
+    that must get no gradient."""
     sae = make_sae(d=8, latents=32, k=3, **cfg)
     x = torch.randn(3, 5, 8, dtype=torch.float64)
-    dead = torch.arange(32) % 2 == 0  # 16 dead latents ≥ d/2: k_aux = 4
+    dead = torch.arange(32) % period == 0
     dense_loss, dense = loss_and_gradients(sae, x, dead, "dense")
     sparse_loss, sparse = loss_and_gradients(sae, x, dead, "sparse")
     assert sparse_loss.item() == dense_loss.item()
