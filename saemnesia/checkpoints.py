@@ -1,4 +1,4 @@
-"""Reading SAE checkpoints in every layout SPEC §7 lists, into one canonical state dict.
+"""Reading SAE checkpoints in every layout SPEC §7 lists, into one canonical state dict, and a digest of its tensors.
 
 Layouts: a folder with `cfg.json` + `sae.safetensors` (ours and SAEmnesia's); a parent folder plus a hookpoint
 name; a legacy folder with `cfg.json` + `state_dict.pth` (SAeUron's trainer), whose tensors are renamed here.
@@ -9,6 +9,7 @@ safetensors state dict.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -114,3 +115,13 @@ def _rename_legacy(path: Path) -> dict[str, Tensor]:
         new_name, transposed = LEGACY_NAMES[name]
         state[new_name] = tensor.T.contiguous() if transposed else tensor
     return state
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """A short hash of a checkpoint's tensors as stored: statistics record the digest of the SAE they were computed
+    with, so erasing with another SAE of the same size is refused instead of silently selecting wrong latents."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -6,7 +6,6 @@ except for `sample_topk`, which needs the sample dimension (`x` is `[B, N, d_in]
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from saemnesia.checkpoints import read_checkpoint, write_checkpoint
+from saemnesia.checkpoints import read_checkpoint, state_digest, write_checkpoint
 
 EncoderBackward = Literal["sparse", "dense"]
 """How `SparseAutoencoder.forward` backpropagates into the encoder (see there)."""
@@ -245,25 +244,14 @@ class SparseAutoencoder(nn.Module):
         return sae.to(device=device, dtype=dtype)
 
 
-def state_digest(state: dict[str, Tensor]) -> str:
-    """A short hash of a checkpoint's tensors as stored: statistics record the digest of the SAE they were computed
-    with, so erasing with another SAE of the same size is refused instead of silently selecting wrong latents."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def sparse_decode(top_acts: Tensor, top_indices: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
     """`Σ_i acts_i · W_dec[idx_i]` per token as an embedding bag (no dense code): a per-token code `[..., K]` →
     `[..., d]`, or a flat code `[M]` grouped by token with `offsets [N]` → `[N, d]`."""
-    if offsets is not None:
-        return F.embedding_bag(top_indices, W_dec, offsets, per_sample_weights=top_acts.to(W_dec.dtype), mode="sum")
-    width = top_acts.shape[-1]
-    out = F.embedding_bag(top_indices.reshape(-1, width), W_dec, mode="sum",
-                          per_sample_weights=top_acts.reshape(-1, width).to(W_dec.dtype))  # [N, d] from [N, K] bags
-    return out.reshape(*top_acts.shape[:-1], W_dec.shape[-1])  # [..., d]
+    if offsets is None:  # one bag of K values per token
+        offsets = torch.arange(0, top_acts.numel(), top_acts.shape[-1], device=top_acts.device)  # [N]
+        out = sparse_decode(top_acts.flatten(), top_indices.flatten(), W_dec, offsets)  # [N, d]
+        return out.reshape(*top_acts.shape[:-1], W_dec.shape[-1])  # [..., d]
+    return F.embedding_bag(top_indices, W_dec, offsets, per_sample_weights=top_acts.to(W_dec.dtype), mode="sum")
 
 
 class SparseEncoderGrad(torch.autograd.Function):
