@@ -24,9 +24,9 @@ test: setup
 demo: setup
 	$(BIN)/python -m saemnesia.demo
 
-# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; 58 min on 2 CPU cores.
-# The VAE and the text-to-image model train in two DDP processes of one thread each (faster than two threads on
-# 2 cores); the classifiers (one thread, which fixes their numerics) train beside the VAE, and both must succeed.
+# Regenerates the shipped ToyCanvas assets (saemnesia/toy/assets/) from their configs; its wall time is in
+# docs/toycanvas.md. The VAE and the text-to-image model train in two DDP processes of one thread each; the
+# classifiers (one thread, which fixes their numerics) train beside the VAE, and both must succeed.
 toy-assets: setup
 	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_classifiers.yaml & classifiers=$$!; \
 	OMP_NUM_THREADS=1 $(BIN)/python cli.py fit -c configs/toy/toy_vae.yaml && wait $$classifiers
