@@ -3,8 +3,7 @@
 Lightning checkpoints hold the whole training state; the rest of the workflow (statistics, erasure) and the
 published code read the SAE folder format of SPEC §7 instead: `<dirpath>/<hookpoint>/cfg.json`,
 `sae.safetensors` and, after supervised training, `concept_latents.json`. The folder is rewritten at every
-checkpoint, so `fit_complete.json` (`FIT_COMPLETE`) is what tells a finished run's export from an interrupted one's:
-it is removed when fitting starts and written after the final export.
+checkpoint, so `<dirpath>/fit_complete.json` tells a finished fit's export from an interrupted one's.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from saemnesia.training import SAEModule
 
 CONCEPT_LATENTS_FILE = "concept_latents.json"
 FIT_COMPLETE = "fit_complete.json"
-"""Written into the export folder when fitting ended: the exported SAE is the run's product, not an intermediate."""
+"""Written into `dirpath` after fitting ended and its product was exported; removed when a fit starts."""
 
 
 class SaeExport(pl.Callback):
@@ -37,8 +36,8 @@ class SaeExport(pl.Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: SAEModule) -> None:
-        if trainer.is_global_zero:
-            (self.dirpath / pl_module.hparams.activations_hookpoint / FIT_COMPLETE).unlink(missing_ok=True)
+        if trainer.is_global_zero:  # from now on the export may be an intermediate one
+            (self.dirpath / FIT_COMPLETE).unlink(missing_ok=True)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: SAEModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
@@ -55,9 +54,9 @@ class SaeExport(pl.Callback):
             sae.load_state_dict({name.removeprefix("sae."): tensor for name, tensor in checkpoint["state_dict"].items()
                                  if name.startswith("sae.")})
             concept_latents = checkpoint.get("concept_latents")
-        folder = self.export(sae, pl_module.hparams.activations_hookpoint, concept_latents)
-        record = {"global_step": trainer.global_step, "checkpoint": best or None}
-        atomic_write_text(folder / FIT_COMPLETE, json.dumps(record, indent=2) + "\n")
+        self.export(sae, pl_module.hparams.activations_hookpoint, concept_latents)
+        record = {"checkpoint": best or None, "global_step": trainer.global_step}  # what the export is
+        atomic_write_text(self.dirpath / FIT_COMPLETE, json.dumps(record) + "\n")
 
     def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> Path:
         folder = self.dirpath / hookpoint

@@ -3,9 +3,7 @@
     python -m saemnesia.demo            # from the repository root; writes under runs/toy/ and runs/demo/
 
 Each step is exactly the command a user would type (`python cli.py <subcommand> -c <config> [overrides]`), run in
-this process. A step whose run completed is skipped, so an interrupted demo resumes where it stopped: a fit counts
-as completed once `SaeExport` has written `fit_complete.json`, and an interrupted fit resumes from its last
-checkpoint (`--ckpt_path=last`) instead of starting over.
+this process. A completed step is skipped and an interrupted fit resumes (`--ckpt_path=last`), so a rerun goes on.
 
 Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation: the
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
@@ -34,8 +32,6 @@ from saemnesia.toy import TOY_OBJECTS
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/toy")
 REPORT_DIR = Path("runs/demo")
-TOY_HOOKPOINT = "unet.up_blocks.1.attentions.1"
-"""The block the toy configs cache and erase at; the SAE exports are named after it."""
 TOY_NUM_LATENTS = 1024
 """Latents of the toy SAEs (64 channels × expansion 16, configs/toy/sae.yaml)."""
 
@@ -47,8 +43,8 @@ SAEURON_TOY_GRID: tuple[ConceptParams, ...] = tuple(
 """SAeUron's search grid on the toy SAEs: 3 latent counts × 7 multipliers, 21 runs."""
 SAEURON_DEMO_GRID: tuple[ConceptParams, ...] = tuple(
     {"percentile": TOP_LATENTS_PERCENTILES[count], "multiplier": m} for count in (3, 1) for m in (-5.0, -15.0, -30.0))
-"""The subset `make demo` searches so that it fits in 10 minutes on 2 cores: top-3 and top-1 latents with 3
-multipliers spanning the range, 6 runs. `main(DemoSetting(baseline_grid=SAEURON_TOY_GRID))` searches all 21."""
+"""The subset `make demo` searches to stay short: top-3 and top-1 latents with 3 multipliers spanning the range,
+6 runs. `main(DemoSetting(baseline_grid=SAEURON_TOY_GRID))` searches all 21."""
 
 
 @dataclass(frozen=True)
@@ -60,25 +56,20 @@ class Step:
     args: tuple[str, ...]
     """CLI arguments: subcommand, `-c config`, overrides."""
     output: Path
-    """File whose existence means the step's run completed (relative to the working directory)."""
-    resume_from: Path | None = None
-    """A fit's last checkpoint: when it exists and the run has not completed, the run resumes from it."""
-
-    def command(self) -> tuple[str, ...]:
-        """The CLI arguments of this run, resuming an interrupted fit."""
-        resuming = self.resume_from is not None and self.resume_from.exists()
-        return (*self.args, "--ckpt_path=last") if resuming else self.args
+    """File written once the run completed, so its existence means the step is done (relative to the working dir)."""
+    last_checkpoint: Path | None = None
+    """A fit's `last.ckpt`: if it exists while the run has not completed, the run resumes from it."""
 
 
 def cli_step(title: str, subcommand: str, config: str, output: Path, *overrides: str) -> Step:
     return Step(title, (subcommand, "-c", str(REPO / config), *overrides), output)
 
 
-def fit_step(title: str, config: str, run_dir: Path, hookpoint: str, *overrides: str) -> Step:
-    """A `fit` of `config` whose `SaeExport` writes `run_dir/<hookpoint>/` and whose checkpoints are in
-    `run_dir/checkpoints/`."""
-    return replace(cli_step(title, "fit", config, run_dir / hookpoint / FIT_COMPLETE, *overrides),
-                   resume_from=run_dir / "checkpoints" / "last.ckpt")
+def fit_step(title: str, config: str, run_dir: Path, steps: int | None) -> Step:
+    """A `fit` whose `SaeExport` and `ModelCheckpoint` write into `run_dir` (the toy configs' layout)."""
+    max_steps = () if steps is None else (f"--trainer.max_steps={steps}",)
+    return Step(title, ("fit", "-c", str(REPO / config), *max_steps), run_dir / FIT_COMPLETE,
+                run_dir / "checkpoints/last.ckpt")
 
 
 @dataclass(frozen=True)
@@ -98,9 +89,8 @@ class DemoSetting:
     baseline_grid: tuple[ConceptParams, ...] = SAEURON_DEMO_GRID
     """The unsupervised baseline's search: one run per `{percentile, multiplier}`."""
     search_ties: Ties = "stronger"
-    """`ClassParamsSelector.ties` of both searches. Their validation sets are small (16 images per target), so many
-    multipliers tie; taking the milder one, the supervised SAE's UA / IRA / CRA are 84.7 / 95.6 / 96.1 instead of
-    95.8 / 93.5 / 91.8 (docs/toycanvas.md, "Ties")."""
+    """`ClassParamsSelector.ties` of both searches. Their validation sets are small, so many multipliers tie; how
+    the milder choice compares is measured in docs/toycanvas.md, "Ties"."""
 
     @property
     def erased(self) -> tuple[str, ...]:
@@ -110,9 +100,6 @@ class DemoSetting:
         """Overrides of a prompt data module: the objects, and the styles unless the config keeps its own."""
         chosen = {"objects": self.objects, "styles": self.styles if styles else None}
         return tuple(f"--data.init_args.{key}=[{', '.join(names)}]" for key, names in chosen.items() if names)
-
-    def max_steps(self, steps: int | None) -> tuple[str, ...]:
-        return () if steps is None else (f"--trainer.max_steps={steps}",)
 
 
 @dataclass(frozen=True)
@@ -158,18 +145,15 @@ class Eraser:
         return self.run_folder("evaluate") / RESULTS_JSON
 
 
-def erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
-    """The unsupervised baseline and the supervised SAE, in table order."""
+def compared_erasers(setting: DemoSetting) -> tuple[Eraser, Eraser, Eraser]:
+    """The table's erasers, in order: the unsupervised baseline, the supervised SAE, then the supervised SAE's
+    statistics and searched parameters unlearning with the published `error_mode: reference`."""
     saemnesia_grid = tuple({"percentile": SAEMNESIA_PERCENTILE, "multiplier": m} for m in setting.saemnesia_multipliers)
+    supervised = Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True)
     return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", "_unsupervised",
-                   setting.baseline_grid, False),
-            Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True))
-
-
-def reference_mode(eraser: Eraser) -> Eraser:
-    """`eraser`'s statistics and searched parameters, unlearning with the published `error_mode: reference`."""
-    return replace(eraser, label="same SAE and multipliers, `error_mode: reference`", name=f"{eraser.name}, reference",
-                   grid=(), draws_unerased=False, error_mode="reference")
+                   setting.baseline_grid, False), supervised,
+            replace(supervised, label="same SAE and multipliers, `error_mode: reference`", grid=(),
+                    name="supervised, reference", draws_unerased=False, error_mode="reference"))
 
 
 def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
@@ -220,38 +204,33 @@ def unlearning_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
     return [unlearn, evaluate]
 
 
-def compared_erasers(setting: DemoSetting) -> tuple[Eraser, ...]:
-    """The table's erasers, in order: the two SAEs, then the supervised one in the reference error mode."""
-    baseline, supervised = erasers(setting)
-    return baseline, supervised, reference_mode(supervised)
-
-
 def workflow(setting: DemoSetting) -> list[Step]:
     """Every step of the demo, in order."""
-    baseline, supervised = erasers(setting)
+    baseline, supervised, reference = compared_erasers(setting)
     return [
         cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json",
                  *setting.data()),
-        fit_step("unsupervised SAE", "configs/toy/sae.yaml", RUNS / "sae", TOY_HOOKPOINT,
-                 *setting.max_steps(setting.sae_steps)),
-        fit_step("supervised SAE", "configs/toy/sae_supervised.yaml", RUNS / "sae_supervised", TOY_HOOKPOINT,
-                 *setting.max_steps(setting.supervised_steps)),
+        fit_step("unsupervised SAE", "configs/toy/sae.yaml", RUNS / "sae", setting.sae_steps),
+        fit_step("supervised SAE", "configs/toy/sae_supervised.yaml", RUNS / "sae_supervised",
+                 setting.supervised_steps),
         *eraser_steps(baseline, setting),
         *eraser_steps(supervised, setting),
-        *unlearning_steps(reference_mode(supervised), setting),
+        *unlearning_steps(reference, setting),
     ]
 
 
 def run(steps: list[Step]) -> None:
+    """Run each step not yet done, printing its exact command first; an interrupted fit resumes."""
     for number, step in enumerate(steps, start=1):
-        if step.output.exists():
-            print(f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(step.args)}\n"
-                  f"    done: {step.output} exists", flush=True)
+        done = step.output.exists()
+        resumes = not done and step.last_checkpoint is not None and step.last_checkpoint.exists()
+        args = (*step.args, "--ckpt_path=last") if resumes else step.args
+        print(f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(args)}", flush=True)
+        if done:
+            print(f"    done: {step.output} exists", flush=True)
             continue
-        command = step.command()
-        print(f"[{number}/{len(steps)}] {step.title}: python cli.py {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        cli_main(list(command))
+        cli_main(list(args))
         print(f"    finished in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -54,20 +54,19 @@ def sample_prompts(records: list[ImageRecord]) -> dict[str, tuple[str | None, in
     return chosen
 
 
-def load_samples(images: Path, prompts: Mapping[str, tuple[str | None, int]],
-                 target_of: Mapping[str, str]) -> list[torch.Tensor]:
-    """The image of each object's chosen (style, seed) generated under `target_of[object]`, `[3, H, W]` uint8."""
+def load_samples(images: Path, prompts: Mapping[str, tuple[str | None, int]], erased: bool) -> list[torch.Tensor]:
+    """The image of each object's chosen (style, seed), generated erasing that object or not, `[3, H, W]` uint8."""
     files = {(record.target, record.object, (record.style, record.seed)): record.file
              for record in read_manifest(images)}
-    return [load_image(images / files[target_of[obj], obj, prompt]) for obj, prompt in prompts.items()]
+    return [load_image(images / files[obj if erased else NO_ERASURE, obj, prompt]) for obj, prompt in prompts.items()]
 
 
 def write_sample_grid(path: Path, reference_images: Path, erased_images: Mapping[str, Path], scale: int = 4) -> Path:
     """PNG grid: one row per object; columns the unerased image, then the same prompt and seed with that object
     erased by each eraser (`erased_images`: label → unlearning image folder), enlarged `scale` times."""
     prompts = sample_prompts(read_manifest(reference_images))
-    columns = [load_samples(reference_images, prompts, {obj: NO_ERASURE for obj in prompts})]
-    columns += [load_samples(folder, prompts, {obj: obj for obj in prompts}) for folder in erased_images.values()]
+    columns = [load_samples(reference_images, prompts, erased=False)]
+    columns += [load_samples(folder, prompts, erased=True) for folder in erased_images.values()]
     rows = [torch.cat(images, dim=2) for images in zip(*columns)]  # one per object, each [3, H, W·columns]
     grid = torch.cat(rows, dim=1)  # [3, H·objects, W·columns]
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # nearest-neighbour enlargement
