@@ -48,7 +48,7 @@ VOCABULARY = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tupl
 CONCEPT_LATENTS = {name: latent for latent, name in enumerate(VOCABULARY.concepts)}
 NUM_STEPS_LABEL = 50  # sampling steps of the published fine-tuning data; only labels the random samples
 DISTINCT_BATCHES = 2  # random batches cycled through; enough that no step reuses the previous step's inputs
-LEARNING_RATES = {"unsupervised": 4e-4, "supervised": 5e-6}  # published (SPEC §2)
+LEARNING_RATES = {"unsupervised": 4e-4, "supervised": 5e-6}  # published (docs/method.md §2)
 
 
 @dataclass

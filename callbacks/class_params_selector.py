@@ -1,4 +1,4 @@
-"""`ClassParamsSelector`: each concept's erasing parameters, chosen from a sweep of evaluation runs (SPEC §5).
+"""`ClassParamsSelector`: each concept's erasing parameters, chosen from a sweep of evaluation runs (docs/method.md §5).
 
 A sweep generates and evaluates the validation prompts once per candidate `{percentile, multiplier}` (7 runs for
 SAEmnesia, 21 for SAeUron's grid), each evaluation writing `<sweep_dir>/<run>/results.json`. The candidate of a
@@ -6,9 +6,9 @@ run is the `params` entry of its results (`{"percentile": p, "multiplier": m}`, 
 evaluator reads from the erasure settings the generation run recorded next to its images (`generation.json`).
 
 For each concept erased alone in some run, the selector keeps the candidate maximising `(UA_c + IRA_c) / 2`.
-SPEC §5 leaves ties open. `ties="milder"` (the default) gives them to the smaller |multiplier|, then to the larger
-percentile (fewer latents); `ties="stronger"` to the larger |multiplier|, then to the smaller percentile. Either way
-the run name decides last, so the choice never depends on the order runs are listed in. With few validation images
+docs/method.md §5 leaves ties open. `ties="milder"` (the default) gives them to the smaller |multiplier|, then to the
+larger percentile (fewer latents); `ties="stronger"` to the larger |multiplier|, then to the smaller percentile. Either
+way the run name decides last, so the choice never depends on the order runs are listed in. With few validation images
 per concept, ties are common (every multiplier past some strength erases all of them); which rule suits a setting
 is discussed in docs/toycanvas.md, "Ties".
 

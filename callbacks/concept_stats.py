@@ -1,4 +1,4 @@
-"""`ConceptStatsCallback`: per-concept mean SAE codes of a `predict` run, the concept statistics (SPEC §3.1).
+"""`ConceptStatsCallback`: per-concept mean SAE codes of a `predict` run, the concept statistics (docs/method.md §3.1).
 
 `HookedDiffusion` captures the conditional CFG half at the hookpoint at every sampling step; this callback encodes
 each captured map with the SAE (per-token TopK, as the eraser does), averages the code over the map's tokens by

@@ -1,4 +1,4 @@
-"""`ImageWriter`: the JPEG images of an unlearning `predict` run and their manifest (SPEC §6).
+"""`ImageWriter`: the JPEG images of an unlearning `predict` run and their manifest (docs/method.md §6).
 
 Layout under the root folder `R`: `R/{target}/{Style}_{Object}_seed{seed}.jpg` and, for plain prompts,
 `R/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept, `first_03`, or `none`).

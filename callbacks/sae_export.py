@@ -1,7 +1,7 @@
 """`SaeExport`: keeps an SAE folder that downstream steps read, next to Lightning's checkpoints.
 
 Lightning checkpoints hold the whole training state; the rest of the workflow (statistics, erasure) and the
-published code read the SAE folder format of SPEC §7 instead: `<dirpath>/<hookpoint>/cfg.json`,
+published code read the SAE folder format of docs/method.md §7 instead: `<dirpath>/<hookpoint>/cfg.json`,
 `sae.safetensors` and, after supervised training, `concept_latents.json`. The folder is rewritten at every
 checkpoint, so `<dirpath>/fit_complete.json` tells a finished fit's export from an interrupted one's.
 """

@@ -1,4 +1,4 @@
-"""`ActivationShardWriter`: writes what `HookedDiffusion` captures as activation shards (SPEC §8).
+"""`ActivationShardWriter`: writes what `HookedDiffusion` captures as activation shards (docs/method.md §8).
 
 Each process writes its own shards (`shard-r{rank}-{index:06d}.tar`, complete prompts only, renamed into place when
 whole) and keeps `manifest-r{rank}.json` up to date with them; when predicting ends, rank 0 merges the rank

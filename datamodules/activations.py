@@ -1,4 +1,4 @@
-"""`ActivationDataModule`: streams cached activation shards (SPEC §8) into SAE training.
+"""`ActivationDataModule`: streams cached activation shards (docs/method.md §8) into SAE training.
 
 Training reads an endless stream of resampled shards in every rank and worker, cut to exactly `steps_per_epoch`
 batches per process, so DDP ranks always run the same number of steps and never hang on an uneven split. The

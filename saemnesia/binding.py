@@ -1,7 +1,7 @@
 """Did supervised fine-tuning bind each concept to its latent? A diagnostic reading the statistics.
 
-SAEmnesia erases the latents that SPEC §3.3 selects from the importance scores (p = 99.999: the top one) and
-counts on fine-tuning (SPEC §2.2) having made that latent the concept's assigned one (`concept_latents.json`).
+SAEmnesia erases the latents that docs/method.md §3.3 selects from the importance scores (p = 99.999: the top one) and
+counts on fine-tuning (docs/method.md §2.2) having made that latent the concept's assigned one (`concept_latents.json`).
 Where the binding failed, the assigned latent rarely survives the TopK, and the selection falls on other latents,
 possibly another concept's, so the eraser removes too little of the concept or too much of the other.
 
@@ -82,7 +82,7 @@ def main(args: list[str] | None = None) -> list[LatentBinding]:
     parser.add_argument("--concepts", nargs="+",
                         help="concepts to report (default: the assigned ones that the statistics cover)")
     parser.add_argument("--percentile", type=float, default=SAEMNESIA_PERCENTILE,
-                        help="selection percentile (SPEC §3.3)")
+                        help="selection percentile (docs/method.md §3.3)")
     options = parser.parse_args(args)
     if not 0 <= options.percentile <= 100:
         parser.error(f"--percentile must lie in [0, 100]; got {options.percentile}.")

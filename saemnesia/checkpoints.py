@@ -1,4 +1,5 @@
-"""Reading SAE checkpoints in every layout SPEC §7 lists, into one canonical state dict, and a digest of its tensors.
+"""Reading SAE checkpoints in every layout docs/method.md §7 lists, into one canonical state dict, and a digest of its
+tensors.
 
 Layouts: a folder with `cfg.json` + `sae.safetensors` (ours and SAEmnesia's); a parent folder plus a hookpoint
 name; a legacy folder with `cfg.json` + `state_dict.pth` (SAeUron's trainer), whose tensors are renamed here.

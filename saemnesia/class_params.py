@@ -1,4 +1,5 @@
-"""Per-concept erasing parameters, `class_params` (SPEC §5, §7): `{concept: {"percentile": p, "multiplier": m}}`.
+"""Per-concept erasing parameters, `class_params` (docs/method.md §5, §7): `{concept: {"percentile": p, "multiplier":
+m}}`.
 
 Two file formats, chosen by suffix: `.pth` is the published one (`torch.save` of the plain dict) and `.json` is
 the same dict as text. Published `.pth` files may carry extra per-concept keys (UA, IRA, score, ...) whose values
@@ -28,10 +29,10 @@ PARAM_KEYS = ("percentile", "multiplier")
 """The two keys every concept entry must have."""
 
 SAEMNESIA_PERCENTILE = 99.999
-"""SAEmnesia's fixed percentile: with L = 20480 latents it selects exactly the top-1 latent (SPEC §3.3)."""
+"""SAEmnesia's fixed percentile: with L = 20480 latents it selects exactly the top-1 latent (docs/method.md §3.3)."""
 
 SAEMNESIA_MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
-"""The multipliers both methods search (SPEC §5)."""
+"""The multipliers both methods search (docs/method.md §5)."""
 
 SAEURON_PERCENTILES = (99.99, 99.995, 99.999)
 """SAeUron's percentiles (top-3, top-2, top-1 latents at L = 20480), searched together with the multipliers."""

@@ -1,7 +1,7 @@
 """Image classifiers that judge generated images: the UnlearnCanvas ViT-L/16 pair and any `nn.Module` classifier.
 
-The published object and style classifiers (SPEC §6) are timm's `vit_large_patch16_224` with a new head, saved as
-`torch.save({"model_state_dict": ...})`. timm needs torchvision, which is not always installable, so
+The published object and style classifiers (docs/method.md §6) are timm's `vit_large_patch16_224` with a new head, saved
+as `torch.save({"model_state_dict": ...})`. timm needs torchvision, which is not always installable, so
 `VisionTransformer` rebuilds that network in plain torch with exactly timm's parameter names and shapes;
 `create_vit` uses timm instead when it is importable. Other classifiers (the ToyCanvas CNNs) are a class path plus
 a checkpoint, or a folder holding both (`classifier.json` + `model.safetensors`).

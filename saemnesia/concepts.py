@@ -2,7 +2,7 @@
 
 A sample is labelled by one object and at most one style. Concepts are addressed by name everywhere on
 disk (shards, statistics, `concept_latents.json`); integer indices exist only inside a batch.
-The module also binds each concept to one SAE latent (SPEC §2.2) and reads/writes that binding.
+The module also binds each concept to one SAE latent (docs/method.md §2.2) and reads/writes that binding.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ UNLEARNCANVAS_OBJECTS = (
     "Architectures Bears Birds Butterfly Cats Dogs Fishes Flame Flowers Frogs Horses Human "
     "Jellyfish Rabbits Sandwiches Sea Statues Towers Trees Waterfalls"
 ).split()
-"""The 20 UnlearnCanvas object classes (SPEC §6), in classifier head order."""
+"""The 20 UnlearnCanvas object classes (docs/method.md §6), in classifier head order."""
 
 UNLEARNCANVAS_STYLES = (
     "Abstractionism Artist_Sketch Blossom_Season Bricks Byzantine Cartoon Cold_Warm Color_Fantasy "
@@ -81,13 +81,14 @@ UNLEARNCANVAS_STYLES = (
     "Red_Blue_Ink Rust Sketch Sponge_Dabbed Structuralism Superstring Surrealism Ukiyoe Van_Gogh "
     "Vibrant_Flow Warm_Love Warm_Smear Watercolor Winter"
 ).split()
-"""The 50 UnlearnCanvas styles (SPEC §6). `Seed_Images` (photo-like) is the 51st classifier label, not a style."""
+"""The 50 UnlearnCanvas styles (docs/method.md §6). `Seed_Images` (photo-like) is the 51st classifier label, not a
+style."""
 
 UNLEARNCANVAS = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tuple(UNLEARNCANVAS_STYLES))
 
 
 def assign_latents(scores: Tensor, vocabulary: ConceptVocabulary) -> dict[str, int]:
-    """Bind each concept to one latent (SPEC §2.2), greedily and never twice.
+    """Bind each concept to one latent (docs/method.md §2.2), greedily and never twice.
 
     `scores` is `[C, L]`, rows in `vocabulary.concepts` order: the step-averaged importance `ā_c` of the starting
     SAE. Concepts are served in descending `max_j ā_c[j]`, objects before styles (their key gets +1, the reference

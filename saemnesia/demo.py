@@ -9,7 +9,7 @@ Two erasers are compared, each with its own statistics, parameter search, unlear
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
 (a SAeUron-style baseline: latents chosen by importance score, a documented subset of the percentile × multiplier
 grid, `SAEURON_DEMO_GRID`). A last row reruns the supervised SAE's unlearning with the published error mode
-(`error_mode: reference`, SPEC §4), with the statistics and multipliers its exact-mode search chose.
+(`error_mode: reference`, docs/method.md §4), with the statistics and multipliers its exact-mode search chose.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def evaluation(title: str, images: Path, output_dir: Path, *overrides: str) -> S
 
 
 def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
-    """Statistics, the parameter search (SPEC §5), unlearning generation and evaluation with one SAE."""
+    """Statistics, the parameter search (docs/method.md §5), unlearning generation and evaluation with one SAE."""
     stats = cli_step(f"{eraser.name}: concept statistics", "predict", "configs/toy/stats.yaml", eraser.stats,
                      f"--trainer.callbacks.sae={eraser.sae}", f"--trainer.callbacks.output={eraser.stats}",
                      f"--trainer.default_root_dir={eraser.stats.parent}", *setting.data(styles=False))

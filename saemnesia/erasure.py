@@ -3,7 +3,8 @@
 `ErasureConfig` is `HookedDiffusion`'s `erasure` argument (`model.init_args.erasure` in YAML). `ErasureBuilder` loads
 the SAE and the statistics once per process and hands out one cached `ConceptEraser` per erased set: a single target
 (`("Bears",)`) or the first n concepts of a sequential order. The per-concept parameters come from a `class_params`
-file (SPEC §5, §7), or from `percentile` / `multiplier` overrides applied to every target (the multiplier search).
+file (docs/method.md §5, §7), or from `percentile` / `multiplier` overrides applied to every target (the multiplier
+search).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class ErasureConfig:
     `percentile` and `multiplier` below are both given, so one search run is `--…erasure.multiplier -5` on top of
     any config."""
     error_mode: Literal["reference", "exact", "none"] = "exact"
-    """How the SAE error enters the output (SPEC §4): `exact` keeps it (`x + r' − r`); `reference` reproduces the
-    published code and numbers (`r' + r − x`); `none` returns `r'`."""
+    """How the SAE error enters the output (docs/method.md §4): `exact` keeps it (`x + r' − r`); `reference` reproduces
+    the published code and numbers (`r' + r − x`); `none` returns `r'`."""
     start_step: int = 0
     """Erase only at sampling steps `t ≥ start_step`. Published: 0."""
     use_beta: bool = False

@@ -32,7 +32,7 @@ THUMBNAIL = 128
 
 
 class UnlearningEvaluator(pl.LightningModule):
-    """Scores the images of an unlearning run with an object and a style classifier (SPEC §6)."""
+    """Scores the images of an unlearning run with an object and a style classifier (docs/method.md §6)."""
 
     def __init__(self, object_classifier: ClassifierConfig, style_classifier: ClassifierConfig,
                  output_dir: str = "runs/evaluate", sample_prompts: int = 4, log_confusion: bool = True):

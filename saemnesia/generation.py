@@ -45,7 +45,8 @@ class PromptItem(NamedTuple):
     seed: int
     """User seed; the image's noise is seeded from `(seed, prompt_id)` (see `image_seed`)."""
     erase: tuple[str, ...] = ()
-    """Concepts erased while generating this image (SPEC §4), in erasing order; `()` generates without erasure."""
+    """Concepts erased while generating this image (docs/method.md §4), in erasing order; `()` generates without
+    erasure."""
     target: str = NO_ERASURE
     """Label of the erased set, the image's folder: a concept name, `first_03` (sequential) or `none`."""
 
@@ -107,8 +108,8 @@ class HookedDiffusion(pl.LightningModule):
             hookpoint: Block whose output is captured and/or erased, e.g. `unet.up_blocks.1.attentions.1`.
             capture: What to capture; `None` generates without capturing.
             erasure: SAE, statistics and per-concept parameters that erase each item's `erase` concepts at every
-                UNet call, both CFG halves (SPEC §4); capture then sees the erased output, as the rest of the UNet
-                does. `None`: items must erase nothing.
+                UNet call, both CFG halves (docs/method.md §4); capture then sees the erased output, as the rest of the
+                UNet does. `None`: items must erase nothing.
             num_steps: Sampling steps T. Published: 50 (caching), 100 (statistics and evaluation).
             guidance_scale: Classifier-free guidance scale. Published: 9.0.
             height: Image height in pixels (a multiple of 8). Published: 512.

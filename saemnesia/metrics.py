@@ -1,4 +1,4 @@
-"""Unlearning accuracy (UA), in-domain retain accuracy (IRA) and cross-domain retain accuracy (CRA), SPEC §6.
+"""Unlearning accuracy (UA), in-domain retain accuracy (IRA) and cross-domain retain accuracy (CRA), docs/method.md §6.
 
 Every score derives from counts per (target, true class, true style): images, and how many of them the object
 classifier and the style classifier got right. `UnlearningCounts` keeps those counts as torchmetrics states that

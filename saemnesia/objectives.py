@@ -35,7 +35,7 @@ class Objective(nn.Module):
     """The hooks `SAEModule` calls, as no-ops; `forward(sae, batch)` returns the objective's terms, `loss` first."""
 
     renormalises_decoder = False
-    """Keep decoder rows at unit norm around each optimizer step (SPEC §2.1; fine-tuning leaves them free)."""
+    """Keep decoder rows at unit norm around each optimizer step (docs/method.md §2.1; fine-tuning leaves them free)."""
 
     def bind(self, sae: SparseAutoencoder, vocabulary: ConceptVocabulary | None) -> None:
         """Size the state for `sae` and check what the objective needs; `SAEModule.__init__` calls it once."""
@@ -69,7 +69,7 @@ class UnsupervisedTerms(NamedTuple):
 
 
 class UnsupervisedObjective(Objective):
-    """SAeUron-style pre-training (SPEC §2.1): FVU + AuxK (+ Multi-TopK) with the SAE's TopK variant."""
+    """SAeUron-style pre-training (docs/method.md §2.1): FVU + AuxK (+ Multi-TopK) with the SAE's TopK variant."""
 
     def __init__(self, auxk_alpha: float = 1 / 32, multi_topk_weight: float = 1 / 8,
                  encoder_backward: EncoderBackward = "sparse", dead_feature_threshold: int = 10_000_000):
@@ -98,7 +98,8 @@ class UnsupervisedObjective(Objective):
 
     def on_train_batch_start(self, module: SAEModule, batch: dict[str, Tensor], batch_idx: int) -> None:
         if module.hparams.init_from is None and module.global_step == 0 and batch_idx == 0:
-            # A fresh SAE's b_dec starts at the geometric median of rank 0's first batch, on every rank (SPEC §2.1).
+            # A fresh SAE's b_dec starts at the geometric median of rank 0's first batch, on every rank
+            # (docs/method.md §2.1).
             module.sae.init_b_dec_to_geometric_median(batch["act"])
             module.sae.b_dec.data.copy_(module.trainer.strategy.broadcast(module.sae.b_dec.data, src=0))
 
@@ -145,7 +146,8 @@ class SupervisedTerms(NamedTuple):
 
 
 class SupervisedObjective(Objective):
-    """SAEmnesia's concept binding (SPEC §2.2): per-token TopK fine-tuning that ties each concept to one latent."""
+    """SAEmnesia's concept binding (docs/method.md §2.2): per-token TopK fine-tuning that ties each concept to one
+    latent."""
 
     def __init__(self, rec_weight: float = 1.0, concept_weight: float = 3.0, decorrelation_weight: float = 0.1,
                  sparsity_weight: float = 0.01, sparsity_clamp: float = 100.0,
@@ -264,8 +266,8 @@ class WeightedMean(Metric):
 def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str, Tensor]],
                              vocabulary: ConceptVocabulary, num_steps: int, num_batches: int | None = None
                              ) -> dict[str, int]:
-    """SPEC §2.2 steps 1-3 on at most `num_batches` batches (`None`: all), summed over DDP ranks: importance of every
-    concept per step with the starting SAE, averaged over the steps every concept was seen at, then the greedy
+    """docs/method.md §2.2 steps 1-3 on at most `num_batches` batches (`None`: all), summed over DDP ranks: importance
+    of every concept per step with the starting SAE, averaged over the steps every concept was seen at, then the greedy
     assignment. Images per (concept, step) can differ (a cap stops mid-pass), so each step's statistics weight the
     concepts by that step's own counts."""
     num_objects, device = len(vocabulary.objects), sae.W_dec.device
@@ -284,7 +286,7 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
     sums, images = stats.sums[:, seen], stats.images[:, seen, None].double()  # [C, T', L], [C, T', 1]
     others = (sums.sum(0) - sums) / (images.sum(0) - images)  # μ_¬c: the image-weighted mean of the other concepts
 
-    def shares(means: Tensor) -> Tensor:  # each mean code over its latent sum (SPEC §3.2)
+    def shares(means: Tensor) -> Tensor:  # each mean code over its latent sum (docs/method.md §3.2)
         return means / (means.sum(-1, keepdim=True) + NORMALISATION_EPS)
 
     return assign_latents((shares(sums / images) - shares(others)).mean(1), vocabulary)  # ā_c [C, L] over steps

@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder (SPEC §1) and its checkpoint formats (SPEC §7).
+"""The TopK sparse autoencoder (docs/method.md §1) and its checkpoint formats (docs/method.md §7).
 
 Everything acts on tokens: `x` is `[..., d_in]` and the leading dimensions are flattened to `N` tokens,
 except for `sample_topk`, which needs the sample dimension (`x` is `[B, N, d_in]`).
@@ -67,7 +67,7 @@ class ForwardOutput(NamedTuple):
     latent_indices: Tensor
     """Indices of the active latents, in the layout of `latent_acts`."""
     fvu: Tensor
-    """Fraction of variance unexplained, a scalar (SPEC §2.1)."""
+    """Fraction of variance unexplained, a scalar (docs/method.md §2.1)."""
     auxk_loss: Tensor
     """AuxK dead-latent loss, a scalar; 0 when no dead mask is given or no latent is dead."""
     multi_topk_fvu: Tensor
@@ -77,7 +77,7 @@ class ForwardOutput(NamedTuple):
 
 
 class SparseAutoencoder(nn.Module):
-    """`pre_acts(x) = ReLU(W_enc (x − b_dec) + b_enc)`, TopK, `decode(z) = z W_dec + b_dec` (SPEC §1)."""
+    """`pre_acts(x) = ReLU(W_enc (x − b_dec) + b_enc)`, TopK, `decode(z) = z W_dec + b_dec` (docs/method.md §1)."""
 
     def __init__(self, d_in: int, cfg: SaeConfig | None = None, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None):
@@ -97,7 +97,7 @@ class SparseAutoencoder(nn.Module):
 
         self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
         self.encoder.bias.data.zero_()
-        # The decoder starts as the encoder's transpose-free copy: rows are latent directions (SPEC §1).
+        # The decoder starts as the encoder's transpose-free copy: rows are latent directions (docs/method.md §1).
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.set_decoder_norm_to_unit_norm()
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
@@ -184,7 +184,7 @@ class SparseAutoencoder(nn.Module):
         auxk_loss = zero
         if dead_mask is not None:
             # Top min(d/2, L) of the dead pre-activations with live ones zeroed: the top min(d/2, #dead) dead latents
-            # and zeros, so no host sync is needed to size the top-k (SPEC §2.1).
+            # and zeros, so no host sync is needed to size the top-k (docs/method.md §2.1).
             dead_acts = flat_pre_acts.masked_fill(~dead_mask, 0.0)  # [N, L]
             aux = SparseCode(*dead_acts.topk(min(self.d_in // 2, self.num_latents), dim=-1, sorted=False), None)
             residual_hat = sparse_decode(self._with_encoder_grad(aux, flat_centered, sparse), aux.indices, self.W_dec)
@@ -225,7 +225,7 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec_to_geometric_median(self, x: Tensor) -> None:
         self.b_dec.data = geometric_median(x.reshape(-1, self.d_in).float()).to(self.b_dec.dtype)
 
-    # -- checkpoints (SPEC §7) ------------------------------------------------------------------------------
+    # -- checkpoints (docs/method.md §7) ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write `cfg.json` + `sae.safetensors` into the folder `path`; both load in the published code."""
         write_checkpoint(Path(path), {**asdict(self.cfg), "d_in": self.d_in}, self.state_dict())

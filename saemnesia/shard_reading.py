@@ -1,4 +1,4 @@
-"""Reading activation shards (SPEC §8), sample by sample.
+"""Reading activation shards (docs/method.md §8), sample by sample.
 
 A local shard is mapped into memory once per process and indexed once (`mapped_shard`): its maps are views of the
 page cache, so a batch copies each byte once. A URL (`http(s)://`, through curl) or a `pipe:` command is streamed as

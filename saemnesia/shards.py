@@ -1,4 +1,4 @@
-"""Activation shards (SPEC §8): WebDataset `.tar` files plus a `manifest.json` describing them.
+"""Activation shards (docs/method.md §8): WebDataset `.tar` files plus a `manifest.json` describing them.
 
 One sample per (image, sampling step), key `"{prompt_id}_{step:04d}"`, holding `act.npy` (float16 `[N, d]`, no
 pickle) and `json` (labels and provenance, `SAMPLE_META_KEYS`). A shard appears under its final name only once it

@@ -1,4 +1,4 @@
-"""Per-concept statistics of SAE codes, importance scores and latent selection (SPEC §3, §7).
+"""Per-concept statistics of SAE codes, importance scores and latent selection (docs/method.md §3, §7).
 
 `ConceptStats` holds, for each concept c and sampling step t, the mean over c's images of the spatially
 averaged TopK code, `means[c, t] = μ_c[t]`, and how many images each mean covers. Everything the
@@ -33,7 +33,7 @@ FORMAT = "saemnesia.concept_stats.v1"
 """Value of the `format` header key that marks a file written by `ConceptStats.save`."""
 
 NORMALISATION_EPS = 1e-8
-"""Added to each mean's latent sum before normalising (SPEC §3.2)."""
+"""Added to each mean's latent sum before normalising (docs/method.md §3.2)."""
 
 QUANTILE_MAX_NUMEL = 2**24
 """`torch.quantile` refuses inputs with more elements than this, so larger batches are split."""
@@ -47,7 +47,7 @@ def concept_index(concepts: Sequence[str], name: str, owner: str = "the statisti
 
 
 def above_quantile(scores: Tensor, percentile: float) -> Tensor:
-    """Mask `[..., L]` of scores strictly above their row's `percentile`-th quantile (SPEC §3.3).
+    """Mask `[..., L]` of scores strictly above their row's `percentile`-th quantile (docs/method.md §3.3).
 
     Thresholds are `torch.quantile` with linear interpolation, computed on chunks of rows small enough
     for its input-size limit, so any number of rows gives the same answer as one call per row. The percentile
@@ -126,7 +126,7 @@ class ConceptStats:
         return self._importance(torch.arange(len(self.concepts)))
 
     def _importance(self, rows: Tensor) -> Tensor:
-        """SPEC §3.2 for the concepts at `rows` `[R]`: `[R, T, L]` float32, computed in float64.
+        """docs/method.md §3.2 for the concepts at `rows` `[R]`: `[R, T, L]` float32, computed in float64.
 
         `μ_¬c` is the image-weighted mean of all other concepts, `(Σ_c' n_c' μ_c' − n_c μ_c) / (N − n_c)`.
         """

@@ -44,8 +44,8 @@ class SAEModule(pl.LightningModule):
             activations_hookpoint: Block the activations come from; linked from the manifest (`data.hookpoint`),
                 names the exported SAE folder. (Not `hookpoint`: that names the block to hook in `predict` runs.)
             vocabulary: Concepts of the data; linked from the manifest. Needed by the supervised objective.
-            objective: `UnsupervisedObjective` (SPEC §2.1, the default) or `SupervisedObjective` (SPEC §2.2), with
-                its own options (`class_path` and `init_args` in YAML).
+            objective: `UnsupervisedObjective` (docs/method.md §2.1, the default) or `SupervisedObjective`
+                (docs/method.md §2.2), with its own options (`class_path` and `init_args` in YAML).
             sae: Architecture of a fresh SAE (ignored with `init_from`). Default: expansion 16, k 32.
             init_from: SAE checkpoint folder to start from (fine-tuning, as published); `None` = fresh init.
             lr: Adam learning rate. Published: 4e-4 (unsupervised), 5e-6 (supervised).

@@ -1,7 +1,7 @@
-"""Erasing concepts at inference: the SAE intervention on a block output (SPEC §4).
+"""Erasing concepts at inference: the SAE intervention on a block output (docs/method.md §4).
 
-For each target concept c and step t the statistics give the selected latents `I_{c,t}` (SPEC §3.3), their scale
-`σ_t[j] = m_c · μ_c[t, j]` and a threshold `τ_t[j]` = the unweighted mean over ALL concepts of `μ_{c'}[t, j]`.
+For each target concept c and step t the statistics give the selected latents `I_{c,t}` (docs/method.md §3.3), their
+scale `σ_t[j] = m_c · μ_c[t, j]` and a threshold `τ_t[j]` = the unweighted mean over ALL concepts of `μ_{c'}[t, j]`.
 Per token, every active latent `j ∈ I_t` with `z_j > τ_t[j]` becomes `z_j · σ_t[j]` (or `z_j · m_c · ‖z‖₂ / ‖W_dec[j]‖₂`
 with `use_beta`), and the block output is rebuilt according to `error_mode` (see `ERROR_MODES`).
 
@@ -60,7 +60,7 @@ class ErasureTables(NamedTuple):
 
 def build_tables(sae: SparseAutoencoder, stats: ConceptStats, params: Mapping[str, ConceptParamsLike],
                  use_beta: bool) -> ErasureTables:
-    """The tables of SPEC §4 for the targets in `params`, computed once for all T steps."""
+    """The tables of docs/method.md §4 for the targets in `params`, computed once for all T steps."""
     num_steps, num_latents = stats.num_steps, stats.num_latents
     selected = torch.zeros(num_steps, num_latents, dtype=torch.bool)
     multipliers = torch.zeros(num_steps, num_latents)
@@ -92,7 +92,7 @@ def build_tables(sae: SparseAutoencoder, stats: ConceptStats, params: Mapping[st
 
 
 class ConceptEraser:
-    """Erase every concept of `params` from a block output `[B, C, H, W]` at each sampling step (SPEC §4).
+    """Erase every concept of `params` from a block output `[B, C, H, W]` at each sampling step (docs/method.md §4).
 
     The constructor checks that `stats` come from this SAE (latent count, and its checkpoint digest where both
     record one) and precomputes the tables on the SAE's device: build the eraser after moving the SAE. Steps before

@@ -1,4 +1,4 @@
-"""The binding diagnostic against a naive float64 reading of SPEC §3.2-3.3."""
+"""The binding diagnostic against a naive float64 reading of docs/method.md §3.2-3.3."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from saemnesia.stats import ConceptStats
 
 
 def naive_scores(means: torch.Tensor, counts: list[int], concept: int, step: int) -> list[float]:
-    """SPEC §3.2 with plain loops: own normalised mean minus the image-weighted mean of the others, normalised."""
+    """docs/method.md §3.2 with plain loops: own normalised mean minus the image-weighted mean of the others,
+    normalised."""
     num_latents = means.shape[2]
     own = [float(means[concept, step, j]) for j in range(num_latents)]
     others = [sum(counts[c] * float(means[c, step, j]) for c in range(len(counts)) if c != concept)

@@ -1,4 +1,5 @@
-"""SAE checkpoints in every layout of SPEC §7, checked against raw tensors and the published loader's rules."""
+"""SAE checkpoints in every layout of docs/method.md §7, checked against raw tensors and the published loader's
+rules."""
 
 import json
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from saemnesia.sae import SaeConfig, SparseAutoencoder
 
 @dataclass
 class PublishedSaeConfig:
-    """The published config class, field for field (SPEC §7): its loader does `PublishedSaeConfig(**cfg)`."""
+    """The published config class, field for field (docs/method.md §7): its loader does `PublishedSaeConfig(**cfg)`."""
 
     expansion_factor: int
     normalize_decoder: bool
@@ -33,7 +34,7 @@ def raw_tensors(d: int = 6, latents: int = 16) -> dict[str, torch.Tensor]:
 
 
 def reference_forward(tensors: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-token TopK SAE written from SPEC §1 with dense matrices."""
+    """Per-token TopK SAE written from docs/method.md §1 with dense matrices."""
     pre = torch.relu((x - tensors["b_dec"]) @ tensors["encoder.weight"].T + tensors["encoder.bias"])
     kth = pre.topk(k).values[:, -1:]
     return torch.where(pre >= kth, pre, 0.0) @ tensors["W_dec"] + tensors["b_dec"]

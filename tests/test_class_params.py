@@ -1,4 +1,4 @@
-"""class_params files (SPEC §5, §7): the published `.pth`, `.json`, validation and the search grids."""
+"""class_params files (docs/method.md §5, §7): the published `.pth`, `.json`, validation and the search grids."""
 
 from __future__ import annotations
 

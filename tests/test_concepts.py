@@ -1,4 +1,4 @@
-"""Concept→latent assignment (SPEC §2.2) and `concept_latents.json` I/O."""
+"""Concept→latent assignment (docs/method.md §2.2) and `concept_latents.json` I/O."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ VOCABULARY = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism",))
 
 
 def naive_assignment(scores: list[list[float]], vocabulary: ConceptVocabulary) -> dict[str, int]:
-    """Plain-Python reading of SPEC §2.2: sort by (max + 1 for objects), then each takes its best free latent."""
+    """Plain-Python reading of docs/method.md §2.2: sort by (max + 1 for objects), then each takes its best free
+    latent."""
     names = vocabulary.concepts
     priority = {c: max(scores[c]) + (1.0 if names[c] in vocabulary.objects else 0.0) for c in range(len(names))}
     served = sorted(range(len(names)), key=lambda c: -priority[c])

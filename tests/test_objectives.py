@@ -1,4 +1,4 @@
-"""Training objectives against naive per-sample loops in float64 (SPEC §2), and the concept assignment."""
+"""Training objectives against naive per-sample loops in float64 (docs/method.md §2), and the concept assignment."""
 
 import math
 
@@ -29,7 +29,7 @@ def make_sae(batch_topk: bool = False) -> SparseAutoencoder:
 
 
 def naive_supervised(sae, x, objects, styles, object_latents, style_latents, weights, logits_before_relu):
-    """SPEC §2.2 written out sample by sample and pair by pair."""
+    """docs/method.md §2.2 written out sample by sample and pair by pair."""
     W, b, W_dec, b_dec = (t.detach() for t in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec))
     batch, tokens, _ = x.shape
     squared_error, pooled, l1 = 0.0, [], 0.0

@@ -29,7 +29,7 @@ def test_template_items_cover_objects_styles_plain_and_seeds_in_a_fixed_order():
         for obj in ("Bears", "Cats", "Dogs") for style in ("Cubism", "Van_Gogh", None) for seed in (188, 7)
     ]
     assert data.items == expected
-    assert data.items[2].prompt == "An image of Bears in Van Gogh style."  # SPEC §6: styles shown with spaces
+    assert data.items[2].prompt == "An image of Bears in Van Gogh style."  # docs/method.md §6: styles shown with spaces
     assert data.vocabulary == VOCABULARY
 
 

@@ -1,4 +1,4 @@
-"""SparseAutoencoder against hand-written float64 references (SPEC §1, §2.1)."""
+"""SparseAutoencoder against hand-written float64 references (docs/method.md §1, §2.1)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Concept statistics: importance scores, latent selection, file formats and streaming accumulation (SPEC §3, §7)."""
+"""Concept statistics: importance scores, latent selection, file formats and streaming accumulation (docs/method.md §3,
+§7)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def stats_of(images: dict[str, torch.Tensor]) -> ConceptStats:
 
 
 def naive_importance(images: dict[str, torch.Tensor], concept: str, step: int) -> torch.Tensor:
-    """SPEC §3.2 in float64, with μ_¬c the mean over the pooled images of all other concepts."""
+    """docs/method.md §3.2 in float64, with μ_¬c the mean over the pooled images of all other concepts."""
     own = images[concept][:, step].mean(0)
     others = torch.cat([codes[:, step] for name, codes in images.items() if name != concept]).mean(0)
     return own / (own.sum() + 1e-8) - others / (others.sum() + 1e-8)

@@ -87,8 +87,8 @@ def test_assignment_finds_the_latent_each_concept_drives():
 
 def naive_assignment(sae: SparseAutoencoder, batches: list[dict[str, torch.Tensor]], vocabulary: ConceptVocabulary,
                      num_steps: int) -> dict[str, int]:
-    """SPEC §2.2 steps 1-3 written out: each sample's dense code averaged over its tokens, means per (concept, step),
-    `ConceptStats` importance per step where every concept has samples, averaged over those steps."""
+    """docs/method.md §2.2 steps 1-3 written out: each sample's dense code averaged over its tokens, means per (concept,
+    step), `ConceptStats` importance per step where every concept has samples, averaged over those steps."""
     codes = {(c, t): [] for c in range(len(vocabulary.concepts)) for t in range(num_steps)}
     for batch in batches:
         for sample in range(len(batch["act"])):

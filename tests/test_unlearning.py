@@ -1,4 +1,4 @@
-"""ConceptEraser (SPEC §4) against hand-computed examples and a naive per-token dense implementation."""
+"""ConceptEraser (docs/method.md §4) against hand-computed examples and a naive per-token dense implementation."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def random_hidden(batch: int, height: int, width: int, seed: int = 1,
 
 def naive_erase(sae: SparseAutoencoder, stats: ConceptStats, params: dict, hidden: torch.Tensor, step: int,
                 error_mode: str, start_step: int = 0, use_beta: bool = False) -> torch.Tensor:
-    """SPEC §4 one token at a time in float64: dense code, the rule per target (a later target overwrites an
+    """docs/method.md §4 one token at a time in float64: dense code, the rule per target (a later target overwrites an
     earlier one on a shared latent), two dense decodes."""
     if step < start_step:
         return hidden

@@ -195,7 +195,7 @@ def test_an_interrupted_run_resumes_without_regenerating_finished_images(toy_cwd
 def test_unlearncanvas_prompt_sets(tmp_path):
     unlearn = yaml.safe_load((REPO / "configs/sd15_unlearncanvas/unlearn.yaml").read_text())["data"]["init_args"]
     items = PromptDataModule(**unlearn).items
-    assert len(items) == 20 * 1020  # SPEC §6: per target, 20 objects × 50 styles + 20 plain
+    assert len(items) == 20 * 1020  # docs/method.md §6: per target, 20 objects × 50 styles + 20 plain
     bears = [item for item in items if item.target == "Bears"]
     assert len(bears) == 1020 and {item.erase for item in bears} == {("Bears",)}
     assert sum(item.style is None for item in bears) == 20  # plain prompts once per target, not once per style
@@ -207,7 +207,7 @@ def test_unlearncanvas_prompt_sets(tmp_path):
         (anchors / f"sd_prompt_{obj}.txt").write_text("".join(f"{obj} anchor {i}.\n" for i in range(80)))
     sweep = yaml.safe_load((REPO / "configs/sd15_unlearncanvas/sweep.yaml").read_text())["data"]["init_args"]
     validation = PromptDataModule(**{**sweep, "anchor_prompts": str(anchors)}).items
-    assert len(validation) == 20 * 49 * 20  # SPEC §5: 49 prompts × 20 classes per target
+    assert len(validation) == 20 * 49 * 20  # docs/method.md §5: 49 prompts × 20 classes per target
     assert {(item.prompt_id.split("-")[2], item.style) for item in validation} == {
         (f"{i:03d}", UNLEARNCANVAS_STYLES[i]) for i in range(49)}  # anchor prompt i with style i
     assert validation[0].prompt == f"{UNLEARNCANVAS_OBJECTS[0]} anchor 0 in {UNLEARNCANVAS_STYLES[0]} style."
