@@ -58,9 +58,7 @@ class SaeExport(pl.Callback):
         record = {"checkpoint": best or None, "global_step": trainer.global_step}  # what the export is
         atomic_write_text(self.dirpath / FIT_COMPLETE, json.dumps(record) + "\n")
 
-    def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> Path:
-        folder = self.dirpath / hookpoint
-        sae.save(folder)
+    def export(self, sae: SparseAutoencoder, hookpoint: str, concept_latents: dict[str, int] | None) -> None:
+        sae.save(self.dirpath / hookpoint)
         if concept_latents is not None:
-            save_concept_latents(folder / CONCEPT_LATENTS_FILE, concept_latents)
-        return folder
+            save_concept_latents(self.dirpath / hookpoint / CONCEPT_LATENTS_FILE, concept_latents)

@@ -21,9 +21,8 @@ from saemnesia.io import atomic_write_bytes
 
 
 def no_erasure_scores(reference: Mapping[str, Any]) -> dict[str, float]:
-    """UA / IRA / CRA of generating without erasure (docs/method.md §6 applied to the reference images): UA_c = 1 −
-    acc(c), IRA_c = the mean accuracy of the other objects, so their means over c are 1 − and + the mean object
-    accuracy."""
+    """UA / IRA / CRA without erasure (docs/method.md §6 on the reference images): UA_c = 1 − acc(c) and IRA_c is the
+    other objects' mean accuracy, so their means over c are 1 − and + the mean object accuracy."""
     object_accuracy = mean(reference["per_object"].values())
     return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values())}
 
