@@ -1,9 +1,9 @@
-"""`PromptDataModule`: the prompt items of a `predict` run (SPEC §5, §6, §8), in a fixed order.
+"""`PromptDataModule`: the prompt items of a `predict` run (docs/method.md §5, §6, §8), in a fixed order.
 
 Prompts come from a template (`"An image of {object}"`) or from anchor-prompt files (UnlearnCanvas layout: one
 prompt per line in `sd_prompt_{Object}.txt`), each rendered with every selected style and plainly:
-`"{subject} in {Style with spaces} style."` and `"{subject}."`, as SPEC §6 and the reference caching do. The
-multiplier search's validation set pairs anchor prompt i with style i instead (`pairing="anchor_i_style_i"`).
+`"{subject} in {Style with spaces} style."` and `"{subject}."`, as docs/method.md §6 and the reference caching do.
+The multiplier search's validation set pairs anchor prompt i with style i instead (`pairing="anchor_i_style_i"`).
 
 Unlearning runs repeat the prompts once per erasure target (`targets`, `sequential`): each copy carries the concepts
 to erase and the target's label, and keeps the prompt id, so a prompt starts from the same noise under every target.
@@ -25,13 +25,16 @@ from typing import Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from saemnesia.classifiers import UNLEARNCANVAS_STYLE_LABELS
 from saemnesia.concepts import NO_ERASURE, UNLEARNCANVAS, ConceptVocabulary, styled_prompt
 from saemnesia.generation import PromptItem
 from saemnesia.toy.vocabulary import TOY_VOCABULARY
 
-VOCABULARIES = {"unlearncanvas": UNLEARNCANVAS, "toy": TOY_VOCABULARY}
-"""Vocabularies a config may name instead of listing their objects and styles."""
-VocabularyName = Literal["unlearncanvas", "toy"]
+VOCABULARIES = {"toy": TOY_VOCABULARY, "unlearncanvas": UNLEARNCANVAS,
+                "unlearncanvas_seed_images": ConceptVocabulary(UNLEARNCANVAS.objects, UNLEARNCANVAS_STYLE_LABELS)}
+"""Vocabularies a config may name instead of listing them: ToyCanvas' 8 shapes and 8 styles; UnlearnCanvas' 20 objects
+and 50 styles; and the same with the style classifier's `Seed_Images` as a 51st style, in head order (the reference
+caching prompted it)."""
 
 PLAIN = "plain"
 """Stands for the missing style in prompt ids."""
@@ -68,7 +71,7 @@ class PromptDataModule(pl.LightningDataModule):
     """Prompt items: every erasure target × selected object × subject (template or anchor prompt) × style (and
     plain) × seed."""
 
-    def __init__(self, vocabulary: ConceptVocabulary | VocabularyName = "unlearncanvas", objects: list[str] | None = None,
+    def __init__(self, vocabulary: ConceptVocabulary | str = "unlearncanvas", objects: list[str] | None = None,
                  styles: list[str] | None = None, include_plain: bool = True, anchor_prompts: str | None = None,
                  prompts_per_object: int | None = None, template: str = "An image of {object}",
                  seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
@@ -77,8 +80,8 @@ class PromptDataModule(pl.LightningDataModule):
                  sequential_steps: list[int] | None = None, batch_size: int = 4, num_workers: int = 0):
         """
         Args:
-            vocabulary: Concept names: a name of `VOCABULARIES` (`unlearncanvas`: 20 objects, 50 styles; `toy`:
-                ToyCanvas' 8 shapes and 8 styles) or explicit `{objects, styles}`.
+            vocabulary: Concept names: explicit `{objects, styles}`, or a name of `VOCABULARIES` (`toy`,
+                `unlearncanvas`, `unlearncanvas_seed_images`).
             objects: Subset of the vocabulary's objects to prompt for; `None` = all.
             styles: Subset of the vocabulary's styles; `None` = all, `[]` = none (plain prompts only).
             include_plain: Also prompt every subject without a style.
@@ -92,9 +95,10 @@ class PromptDataModule(pl.LightningDataModule):
             shuffle_seed: Seed of that shuffle.
             limit: Keep only the first n items (after the shuffle: a random subset); `None` = all.
             pairing: `all` renders every subject with every style; `anchor_i_style_i` renders subject i of each
-                object with style i only (the multiplier search's validation set, SPEC §5), plus plain if asked.
-            targets: Erasure targets, each repeating every prompt with that concept erased (SPEC §6: every object,
-                or every style for style unlearning); `none` repeats them without erasure (the baseline).
+                object with style i only (the multiplier search's validation set, docs/method.md §5), plus plain if
+                asked.
+            targets: Erasure targets, each repeating every prompt with that concept erased (docs/method.md §6: every
+                object, or every style for style unlearning); `none` repeats them without erasure (the baseline).
                 `None` (and no `sequential`): one copy without erasure, as caching and statistics want.
             sequential: Order of sequential unlearning; target `first_{n:02d}` erases its first n concepts at once.
             sequential_steps: The n values of `sequential`, e.g. `[1, 2, 4, 8]`.
@@ -104,7 +108,11 @@ class PromptDataModule(pl.LightningDataModule):
         The vocabulary of the run (`self.vocabulary`) is the selected objects and styles.
         """
         super().__init__()
-        vocabulary = VOCABULARIES[vocabulary] if isinstance(vocabulary, str) else vocabulary
+        if isinstance(vocabulary, str):
+            if vocabulary not in VOCABULARIES:
+                raise ValueError(f"data.vocabulary {vocabulary!r} is not a known vocabulary; expected "
+                                 f"{{objects, styles}} or one of {list(VOCABULARIES)}.")
+            vocabulary = VOCABULARIES[vocabulary]
         for option, chosen, known in (("objects", objects, vocabulary.objects), ("styles", styles, vocabulary.styles)):
             unknown = [name for name in chosen or [] if name not in known]
             if unknown:

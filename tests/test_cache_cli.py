@@ -156,9 +156,8 @@ def test_published_cache_config_prompts_80_anchors_per_class_times_51_styles_and
     anchors.mkdir()
     for obj in UNLEARNCANVAS_OBJECTS:
         (anchors / f"sd_prompt_{obj}.txt").write_text("".join(f"{obj} anchor {i}.\n" for i in range(80)))
-    data = PromptDataModule(**{**init_args, "vocabulary": ConceptVocabulary(**init_args["vocabulary"]),
-                               "anchor_prompts": str(anchors)})
+    data = PromptDataModule(**{**init_args, "anchor_prompts": str(anchors)})
     rust = UNLEARNCANVAS_STYLES.index("Rust")
     assert data.vocabulary.styles == (*UNLEARNCANVAS_STYLES[:rust + 1], "Seed_Images", *UNLEARNCANVAS_STYLES[rust + 1:])
     assert data.vocabulary.objects == tuple(UNLEARNCANVAS_OBJECTS)
-    assert len(data.items) == 80 * (51 + 1) * 20 == 83_200  # SPEC §8
+    assert len(data.items) == 80 * (51 + 1) * 20 == 83_200  # docs/method.md §8

@@ -1,5 +1,11 @@
-"""Every config parses through the CLI entry point, and the toy generation runs agree on what they share."""
+"""Every config parses through the CLI entry point; the predict runs of an experiment take their trainer and model
+from its generation.yaml without restating it, and the runs agree on vocabulary, seeds, targets and erasure."""
 
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
 from pathlib import Path
 
 import pytest
@@ -7,13 +13,17 @@ import yaml
 
 from cli import main
 from datamodules.prompts import PromptDataModule
-from saemnesia.toy import TOY_VOCABULARY
+from saemnesia.concepts import NO_ERASURE, UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
+from saemnesia.toy import TOY_OBJECTS, TOY_STYLES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.relative_to(REPO / "configs").as_posix() for path in (REPO / "configs").rglob("*.yaml"))
-TOY_GENERATION = ("cache", "stats", "sweep", "unlearn")
-"""The toy predict runs: the statistics and the erasing runs must generate as the cached activations were."""
-SHARED = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height", "width")
+EXPERIMENTS = ("toy", "sd15_unlearncanvas")
+SHARED = "generation.yaml"
+"""The file of an experiment that its predict runs include (`config: generation.yaml`)."""
+GENERATION_RUNS = ("cache", "stats", "sweep", "unlearn")
+SAMPLING = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height", "width")
+"""What the statistics and the erasing runs must sample alike: the erasure needs the statistics' T and trajectories."""
 
 
 def subcommand(config: str) -> str:
@@ -21,24 +31,91 @@ def subcommand(config: str) -> str:
     return "fit" if name.startswith(("sae", "toy_")) else "test" if name == "evaluate" else "predict"
 
 
-def resolved(config: str, capsys: pytest.CaptureFixture) -> dict:
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
+@functools.cache
+def resolved(config: str) -> dict:
+    """The config as the CLI resolves it (`--print_config`), relative to configs/."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
         main([subcommand(config), "-c", str(REPO / "configs" / config), "--print_config"])
-    return yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(printed.getvalue())
+
+
+def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key → leaf value of nested mappings; keys already dotted (`model.init_args.capture`) stay dotted."""
+    leaves: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves |= flat(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def prompt_vocabulary(config: str) -> ConceptVocabulary:
+    """The vocabulary a config's prompts come from: a name, or an explicit mapping as the CLI prints it."""
+    vocabulary = resolved(config)["data"]["init_args"]["vocabulary"]
+    return PromptDataModule(ConceptVocabulary.from_dict(vocabulary) if isinstance(vocabulary, dict) else vocabulary
+                            ).vocabulary
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_parses(config, capsys):
-    printed = resolved(config, capsys)
-    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+def test_every_config_parses(config):
+    printed = resolved(config)
+    assert printed["model"]["class_path"]
+    assert printed["data"] is None if Path(config).name == SHARED else printed["data"]["class_path"]
 
 
-def test_toy_generation_runs_share_vocabulary_and_sampling(capsys):
-    runs = {name: resolved(f"toy/{name}.yaml", capsys) for name in TOY_GENERATION}
-    for name, config in runs.items():
-        data = config["data"]["init_args"]
-        vocabulary = PromptDataModule(data["vocabulary"]).vocabulary
-        assert vocabulary == TOY_VOCABULARY, name
-    generation = {name: tuple(config["model"]["init_args"][key] for key in SHARED) for name, config in runs.items()}
-    assert len(set(generation.values())) == 1, generation
+@pytest.mark.parametrize("step", GENERATION_RUNS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_predict_runs_take_the_shared_values_and_restate_none(experiment, step):
+    raw = yaml.safe_load((REPO / "configs" / experiment / f"{step}.yaml").read_text())
+    assert raw.get("config") == SHARED, f"configs/{experiment}/{step}.yaml must include {SHARED}"
+    shared = flat(yaml.safe_load((REPO / "configs" / experiment / SHARED).read_text()))
+    own = {key: value for key, value in flat(raw).items() if key in shared}
+    restated = [key for key, value in own.items() if value == shared[key]]
+    assert not restated, f"configs/{experiment}/{step}.yaml restates {restated} of {SHARED}"
+    printed = flat(resolved(f"{experiment}/{step}.yaml"))
+    assert {key: printed[key] for key in shared} == shared | own
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_statistics_and_erasing_runs_sample_alike(experiment):
+    sampling = {step: tuple(resolved(f"{experiment}/{step}.yaml")["model"]["init_args"][key] for key in SAMPLING)
+                for step in ("stats", "sweep", "unlearn")}
+    assert len(set(sampling.values())) == 1, sampling
+
+
+def test_toy_runs_agree_on_vocabulary_seeds_targets_and_erasure():
+    runs = {step: resolved(f"toy/{step}.yaml") for step in GENERATION_RUNS}
+    for step in GENERATION_RUNS:
+        assert prompt_vocabulary(f"toy/{step}.yaml") == ConceptVocabulary(TOY_OBJECTS, TOY_STYLES), step
+    assert runs["cache"]["model"]["init_args"]["num_steps"] == runs["stats"]["model"]["init_args"]["num_steps"]
+    data = {step: run["data"]["init_args"] for step, run in runs.items()}
+    evaluation_seeds = set(data["unlearn"]["seeds"])
+    assert all(not evaluation_seeds & set(data[step]["seeds"]) for step in ("cache", "stats", "sweep"))
+    assert data["sweep"]["targets"] == list(TOY_OBJECTS)
+    assert data["unlearn"]["targets"] == [*TOY_OBJECTS, NO_ERASURE]
+    statistics = runs["stats"]["trainer"]["callbacks"][0]["init_args"]
+    erasures = {step: runs[step]["model"]["init_args"]["erasure"] for step in ("sweep", "unlearn")}
+    for erasure in erasures.values():
+        assert (erasure["sae"], erasure["stats"]) == (statistics["sae"], statistics["output"])
+    search, unlearning = ({key: erasure[key] for key in ("error_mode", "start_step", "use_beta")}
+                          for erasure in erasures.values())
+    assert search == unlearning  # the search chooses multipliers for the erasure the unlearning run applies
+    # Each step reads what the previous one writes.
+    cache_writer = runs["cache"]["trainer"]["callbacks"][0]["init_args"]
+    assert resolved("toy/sae.yaml")["data"]["init_args"]["shards"] == cache_writer["output_dir"]
+    unlearn_writer = runs["unlearn"]["trainer"]["callbacks"][0]["init_args"]
+    assert resolved("toy/evaluate.yaml")["data"]["init_args"]["root"] == unlearn_writer["output_dir"]
+
+
+def test_unlearncanvas_runs_prompt_the_published_vocabulary_and_targets():
+    rust = UNLEARNCANVAS_STYLES.index("Rust")
+    with_seed_images = (*UNLEARNCANVAS_STYLES[:rust + 1], "Seed_Images", *UNLEARNCANVAS_STYLES[rust + 1:])
+    assert prompt_vocabulary("sd15_unlearncanvas/cache.yaml") == ConceptVocabulary(UNLEARNCANVAS_OBJECTS,
+                                                                                   with_seed_images)
+    for step in ("stats", "sweep", "unlearn"):
+        vocabulary = prompt_vocabulary(f"sd15_unlearncanvas/{step}.yaml")
+        assert vocabulary == ConceptVocabulary(UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES), step
+    for step in ("sweep", "unlearn"):
+        assert resolved(f"sd15_unlearncanvas/{step}.yaml")["data"]["init_args"]["targets"] == UNLEARNCANVAS_OBJECTS

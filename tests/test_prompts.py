@@ -29,7 +29,7 @@ def test_template_items_cover_objects_styles_plain_and_seeds_in_a_fixed_order():
         for obj in ("Bears", "Cats", "Dogs") for style in ("Cubism", "Van_Gogh", None) for seed in (188, 7)
     ]
     assert data.items == expected
-    assert data.items[2].prompt == "An image of Bears in Van Gogh style."  # docs/method.md §6: styles shown with spaces
+    assert data.items[2].prompt == "An image of Bears in Van Gogh style."  # styles with spaces (docs/method.md §6)
     assert data.vocabulary == VOCABULARY
 
 
@@ -41,6 +41,17 @@ def test_subsets_and_limits_select_items_and_the_run_vocabulary():
     assert [item.prompt for item in plain_only.items] == [f"An image of {obj}." for obj in ("Bears", "Cats", "Dogs")]
     assert PromptDataModule(VOCABULARY, limit=4).items == PromptDataModule(VOCABULARY).items[:4]
     assert len(PromptDataModule().items) == len(UNLEARNCANVAS.objects) * (len(UNLEARNCANVAS.styles) + 1)
+
+
+def test_a_named_vocabulary_prompts_as_its_listed_names():
+    toy = ConceptVocabulary(objects=tuple("Circle Square Triangle Star Cross Heart Moon Ring".split()),
+                            styles=tuple("Pop_Art Blueprint Sunset Greenfield Mosaic Ink_Art Neon Pastel".split()))
+    assert PromptDataModule("toy").items == PromptDataModule(toy).items
+    seed_images = PromptDataModule("unlearncanvas_seed_images", objects=["Bears"], include_plain=False)
+    rust = UNLEARNCANVAS.styles.index("Rust")
+    assert [item.style for item in seed_images.items] == [*UNLEARNCANVAS.styles[:rust + 1], "Seed_Images",
+                                                          *UNLEARNCANVAS.styles[rust + 1:]]
+    assert seed_images.items[rust + 1].prompt == "An image of Bears in Seed Images style."
 
 
 def test_shuffle_is_a_fixed_permutation_and_limit_a_random_subset():
@@ -101,6 +112,9 @@ def test_fewer_remaining_items_than_processes_is_refused():
 
 
 def test_bad_selections_fail_with_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match=r"data.vocabulary 'toys' is not a known vocabulary; expected \{objects, "
+                                         r"styles\} or one of \['toy', 'unlearncanvas', 'unlearncanvas_seed_images'\]"):
+        PromptDataModule("toys")
     folder = write_anchor_folder(tmp_path / "anchors", {"Bears": ["A bear."]})
     with pytest.raises(FileNotFoundError, match=r"has no prompt file for classes \['Cats', 'Dogs'\]; expected "
                                                 r"sd_prompt_\{Object\}.txt"):

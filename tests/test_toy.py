@@ -290,8 +290,8 @@ def test_shipped_classifiers_recognise_fresh_renders():
 def test_shipped_pipeline_draws_what_it_is_asked():
     """A regression check of the shipped model at the workflow configs' number of DDIM steps (20; 2 seeds: object
     94.5 %, style 100 %, plain 93.8 %, i.e. one of 16 plain images wrong; with 4 seeds 95.3 / 100 / 96.9 %)."""
-    unlearn = yaml.safe_load((REPO / "configs/toy/unlearn.yaml").read_text())
-    steps = unlearn["model"]["init_args"]["num_steps"]
+    generation = yaml.safe_load((REPO / "configs/toy/generation.yaml").read_text())
+    steps = generation["model"]["init_args"]["num_steps"]
     assert steps == WORKFLOW_STEPS, "the quality check's default (`make toy-assets`) must follow the workflow configs"
     quality = measure_quality(load_pipeline(TOY_PIPELINE_DIR), seeds=range(2))
     assert quality.object >= 0.9 and quality.style >= 0.95 and quality.plain >= 0.9, (steps, quality)
