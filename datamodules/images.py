@@ -148,9 +148,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.settings = read_settings(self.root / SETTINGS)
         erasure = (self.settings or {}).get("erasure") or {}
         # A search run applies one percentile and multiplier to every target: the candidate its scores rate.
-        self.params = {key: erasure[key] for key in ("percentile", "multiplier")} if all(
-            erasure.get(key) is not None for key in ("percentile", "multiplier")) else None
-
+        candidate = {key: erasure.get(key) for key in ("percentile", "multiplier")}
+        self.params = candidate if None not in candidate.values() else None
 
     def test_dataloader(self) -> DataLoader:
         world_size = 1 if self.trainer is None else self.trainer.world_size

@@ -64,7 +64,7 @@ class ConceptVocabulary:
 
     @classmethod
     def from_dict(cls, data: dict[str, list[str]]) -> ConceptVocabulary:
-        return cls(objects=tuple(data["objects"]), styles=tuple(data.get("styles", ())))
+        return cls(data["objects"], data.get("styles", ()))
 
 
 UNLEARNCANVAS_OBJECTS = (
@@ -81,10 +81,10 @@ UNLEARNCANVAS_STYLES = (
     "Red_Blue_Ink Rust Sketch Sponge_Dabbed Structuralism Superstring Surrealism Ukiyoe Van_Gogh "
     "Vibrant_Flow Warm_Love Warm_Smear Watercolor Winter"
 ).split()
-"""The 50 UnlearnCanvas styles (docs/method.md §6). `Seed_Images` (photo-like) is the 51st classifier label, not a
-style."""
+"""The 50 UnlearnCanvas styles (docs/method.md §6). `Seed_Images` (photo-like), the style classifier's 51st label, is
+a style only of the published caching's vocabulary (`unlearncanvas_seed_images`)."""
 
-UNLEARNCANVAS = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tuple(UNLEARNCANVAS_STYLES))
+UNLEARNCANVAS = ConceptVocabulary(UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES)
 
 
 def assign_latents(scores: Tensor, vocabulary: ConceptVocabulary) -> dict[str, int]:
