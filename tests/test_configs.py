@@ -32,11 +32,11 @@ def subcommand(config: str) -> str:
 
 
 @functools.cache
-def resolved(config: str) -> dict:
-    """The config as the CLI resolves it (`--print_config`), relative to configs/."""
+def resolved(config: str, *overrides: str) -> dict:
+    """The config (relative to configs/) with command-line `overrides`, as the CLI resolves it (`--print_config`)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
-        main([subcommand(config), "-c", str(REPO / "configs" / config), "--print_config"])
+        main([subcommand(config), "-c", str(REPO / "configs" / config), *overrides, "--print_config"])
     return yaml.safe_load(printed.getvalue())
 
 
@@ -76,6 +76,17 @@ def test_predict_runs_take_the_shared_values_and_restate_none(experiment, step):
     assert not restated, f"configs/{experiment}/{step}.yaml restates {restated} of {SHARED}"
     printed = flat(resolved(f"{experiment}/{step}.yaml"))
     assert {key: printed[key] for key in shared} == shared | own
+
+
+def test_command_line_overrides_reach_included_and_own_values():
+    """The overrides `make demo` passes: single values of the included model, of the step's erasure and callback."""
+    printed = resolved("toy/sweep.yaml", "--model.init_args.erasure.multiplier=-5", "--model.init_args.num_steps=3",
+                       "--data.init_args.targets=[Circle]", "--trainer.callbacks.output_dir=runs/x")
+    model = printed["model"]["init_args"]
+    assert (model["erasure"]["multiplier"], model["erasure"]["percentile"], model["num_steps"]) == (-5, 99.999, 3)
+    assert model["guidance_scale"] == resolved("toy/generation.yaml")["model"]["init_args"]["guidance_scale"]
+    assert printed["data"]["init_args"]["targets"] == ["Circle"]
+    assert printed["trainer"]["callbacks"][0]["init_args"]["output_dir"] == "runs/x"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
