@@ -32,17 +32,11 @@ from saemnesia.toy.vocabulary import TOY_VOCABULARY
 
 VOCABULARIES = {"toy": TOY_VOCABULARY, "unlearncanvas": UNLEARNCANVAS,
                 "unlearncanvas_seed_images": ConceptVocabulary(UNLEARNCANVAS.objects, UNLEARNCANVAS_STYLE_LABELS)}
-"""Vocabularies a config may name instead of listing them: ToyCanvas' 8 shapes and 8 styles; UnlearnCanvas' 20 objects
-and 50 styles; and the same with the style classifier's `Seed_Images` as a 51st style, in head order (the reference
-caching prompted it)."""
+"""Vocabularies a config may name instead of listing them: ToyCanvas; UnlearnCanvas (20 objects, 50 styles); and the
+same with the style classifier's `Seed_Images` as a 51st style in head order, as the reference caching prompted."""
 
 PLAIN = "plain"
 """Stands for the missing style in prompt ids."""
-
-
-def sequential_target(count: int) -> str:
-    """Label of sequential unlearning's erased set "the first `count` concepts of the order", e.g. `first_03`."""
-    return f"first_{count:02d}"
 
 
 def prompt_id(obj: str, style: str | None, subject_index: int, seed: int) -> str:
@@ -60,11 +54,8 @@ def read_anchor_prompts(folder: str | Path, objects: Collection[str]) -> dict[st
     if missing:
         raise FileNotFoundError(f"data.anchor_prompts folder {folder} has no prompt file for classes {missing}; "
                                 "expected sd_prompt_{Object}.txt for each.")
-    prompts = {}
-    for obj in objects:
-        lines = (folder / f"sd_prompt_{obj}.txt").read_text(encoding="utf-8").splitlines()
-        prompts[obj] = [line.strip().removesuffix(".") for line in lines if line.strip()]
-    return prompts
+    lines = {obj: (folder / f"sd_prompt_{obj}.txt").read_text(encoding="utf-8").splitlines() for obj in objects}
+    return {obj: [line.strip().removesuffix(".") for line in text if line.strip()] for obj, text in lines.items()}
 
 
 class PromptDataModule(pl.LightningDataModule):
@@ -119,8 +110,7 @@ class PromptDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{option} {unknown} are not in the vocabulary; expected some of {list(known)}.")
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"data.seeds must be a non-empty list of distinct seeds, got {list(seeds)}.")
-        for name, value in (("prompts_per_object", prompts_per_object), ("limit", limit),
-                            ("batch_size", batch_size)):
+        for name, value in (("prompts_per_object", prompts_per_object), ("limit", limit), ("batch_size", batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
         if prompts_per_object is not None and anchor_prompts is None:
@@ -192,8 +182,7 @@ class PromptDataModule(pl.LightningDataModule):
         if 0 < len(items) < world_size:
             raise ValueError(f"Only {len(items)} prompt items remain for {world_size} processes; every process "
                              f"needs one, so finish with --trainer.devices={len(items)}.")
-        return DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=list)
+        return DataLoader(items, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
 
 
 def erasure_targets(vocabulary: ConceptVocabulary, targets: list[str] | None, sequential: list[str] | None,
@@ -217,5 +206,5 @@ def erasure_targets(vocabulary: ConceptVocabulary, targets: list[str] | None, se
             raise ValueError(f"data.sequential_steps must be distinct counts in 1..{len(sequential)} (the length of "
                              f"data.sequential), got {sequential_steps}.")
     erasures = {name: () if name == NO_ERASURE else (name,) for name in targets or []}
-    erasures |= {sequential_target(n): tuple(sequential[:n]) for n in sequential_steps or []}
+    erasures |= {f"first_{n:02d}": tuple(sequential[:n]) for n in sequential_steps or []}
     return erasures or {NO_ERASURE: ()}

@@ -96,9 +96,8 @@ def assign_latents(scores: Tensor, vocabulary: ConceptVocabulary) -> dict[str, i
     """
     concepts = vocabulary.concepts
     if scores.ndim != 2 or scores.shape[0] != len(concepts):
-        raise ValueError(
-            f"assign_latents expects scores of shape [{len(concepts)} concepts, latents]; got {tuple(scores.shape)}."
-        )
+        raise ValueError(f"assign_latents expects scores of shape [{len(concepts)} concepts, latents]; got "
+                         f"{tuple(scores.shape)}.")
     if scores.shape[1] < len(concepts):
         raise ValueError(f"Cannot give {len(concepts)} concepts distinct latents with only {scores.shape[1]} latents.")
     if not scores.isfinite().all():
@@ -117,30 +116,22 @@ def assign_latents(scores: Tensor, vocabulary: ConceptVocabulary) -> dict[str, i
     return {concepts[c]: chosen[c] for c in range(len(concepts))}
 
 
-def check_concept_latents(
-    mapping: dict[str, int],
-    source: str,
-    vocabulary: ConceptVocabulary | None = None,
-    num_latents: int | None = None,
-) -> None:
+def check_concept_latents(mapping: dict[str, int], source: str, vocabulary: ConceptVocabulary | None = None,
+                          num_latents: int | None = None) -> None:
     """Raise a ValueError naming `source` unless `mapping` gives concepts distinct, in-range latents.
 
     With a `vocabulary`, the names must be exactly its concepts; with `num_latents`, indices must lie in
     `[0, num_latents)`.
     """
-    if not isinstance(mapping, dict) or not all(
-        isinstance(name, str) and isinstance(latent, int) and not isinstance(latent, bool)
-        for name, latent in mapping.items()
-    ):
+    if not isinstance(mapping, dict) or not all(isinstance(name, str) and type(latent) is int
+                                                for name, latent in mapping.items()):  # bool is no index
         raise ValueError(f'{source} must map concept names to integer latent indices, e.g. {{"Bears": 17}}.')
     if vocabulary is not None:
         missing = [name for name in vocabulary.concepts if name not in mapping]
         unknown = [name for name in mapping if name not in vocabulary.concepts]
         if missing or unknown:
-            raise ValueError(
-                f"{source} must give a latent to exactly the vocabulary's concepts; "
-                f"missing {missing}, unknown {unknown}."
-            )
+            raise ValueError(f"{source} must give a latent to exactly the vocabulary's concepts; missing {missing}, "
+                             f"unknown {unknown}.")
     latents = list(mapping.values())
     repeated = sorted({latent for latent in latents if latents.count(latent) > 1})
     if repeated:
@@ -157,11 +148,8 @@ def save_concept_latents(path: str | os.PathLike, mapping: dict[str, int]) -> No
     atomic_write_text(path, json.dumps(mapping, indent=2) + "\n")
 
 
-def load_concept_latents(
-    path: str | os.PathLike,
-    vocabulary: ConceptVocabulary | None = None,
-    num_latents: int | None = None,
-) -> dict[str, int]:
+def load_concept_latents(path: str | os.PathLike, vocabulary: ConceptVocabulary | None = None,
+                         num_latents: int | None = None) -> dict[str, int]:
     """Read `concept_latents.json`, checked against `vocabulary` and `num_latents` when given."""
     path = Path(path)
     if not path.is_file():
@@ -176,6 +164,4 @@ def load_concept_latents(
 
 def styled_prompt(subject: str, style: str | None) -> str:
     """`"{subject} in {Style with spaces} style."`, or `"{subject}."` for a plain prompt (`style=None`)."""
-    if style is None:
-        return f"{subject}."
-    return f"{subject} in {style.replace('_', ' ')} style."
+    return f"{subject}." if style is None else f"{subject} in {style.replace('_', ' ')} style."

@@ -93,6 +93,7 @@ def test_concept_latents_json_round_trip(tmp_path) -> None:
         ({"Bears": 1, "Cats": 2, "Cubism": 8}, r"outside \[0, 8\): \{'Cubism': 8\}"),
         ({"Bears": 1, "Cats": 2, "Cubism": "3"}, "must map concept names to integer latent indices"),
         (["Bears", 1], "must map concept names to integer latent indices"),
+        ({"Bears": 1, "Cats": 2, "Cubism": True}, "must map concept names to integer latent indices"),
     ],
 )
 def test_load_concept_latents_rejects_bad_files(tmp_path, mapping, message: str) -> None:
