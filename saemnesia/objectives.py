@@ -6,8 +6,6 @@ training state (dead-latent counters, the concept → latent assignment) is in b
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
@@ -16,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from saemnesia.concepts import NO_STYLE, ConceptVocabulary, assign_latents, check_concept_latents, load_concept_latents
+from saemnesia.assignment import estimate_concept_latents
+from saemnesia.concepts import NO_STYLE, ConceptVocabulary, check_concept_latents, load_concept_latents
 from saemnesia.sae import EncoderBackward, SparseAutoencoder
-from saemnesia.stats import NORMALISATION_EPS, ConceptStatsAccumulator
 
 if TYPE_CHECKING:
     from saemnesia.training import SAEModule
@@ -212,19 +210,22 @@ class SupervisedObjective(Objective):
         """Loss of a batch of maps: `act [B, N, d]` (one image × one step per sample), `object [B]` and `style [B]`
         indices (`NO_STYLE` for plain prompts). Updates the hit rates of the mode's stage."""
         x, objects, styles = batch["act"], batch["object"], batch["style"]
-        pre_relu = sae.pre_relu_acts(x)  # [B, N, L]
-        dense = F.relu(pre_relu)  # A: the dense pre-TopK code
+        dense = sae.pre_acts(x)  # A [B, N, L]: the dense pre-TopK code, the only [B, N, L] tensor kept
         top_acts, top_indices = sae.topk(dense)  # [B, N, k]: per-token TopK whatever the SAE was trained with
         x_hat = sae.decode(top_acts, top_indices)  # [B, N, d]
         reconstruction = (x_hat - x).pow(2).mean()
 
         num_objects = len(self.vocabulary.objects)
-        logits = (dense if self.concept_logits == "post_relu" else pre_relu)[..., self.latents].mean(1)  # Ā_S [B, |S|]
+        if self.concept_logits == "post_relu":
+            pooled = dense[..., self.latents]  # [B, N, |S|]
+        else:  # the assigned latents' pre-ReLU values alone
+            pooled = F.linear(x - sae.b_dec, sae.encoder.weight[self.latents], sae.encoder.bias[self.latents])
+        logits = pooled.mean(1)  # Ā_S [B, |S|]
         concepts = torch.stack([objects, torch.where(styles == NO_STYLE, objects, num_objects + styles)], 1)  # [B, 2]
         targets = torch.zeros_like(logits).scatter_(1, concepts, 1.0)  # the object's and (unless plain) style's
         bce = F.binary_cross_entropy_with_logits(logits, targets)
         decorrelation = squared_correlation(logits[:, :num_objects], logits[:, num_objects:])
-        sparsity = dense.clamp(-self.sparsity_clamp, self.sparsity_clamp).abs().mean()
+        sparsity = dense.clamp(max=self.sparsity_clamp).mean()  # mean |clamp(A, −c, c)| of A ≥ 0
         loss = (self.rec_weight * reconstruction + self.concept_weight * (bce + self.decorrelation_weight * decorrelation)
                 + self.sparsity_weight * sparsity)
 
@@ -260,36 +261,6 @@ class WeightedMean(Metric):
 
     def compute(self) -> Tensor:
         return self.total / self.weight
-
-
-@torch.no_grad()
-def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str, Tensor]],
-                             vocabulary: ConceptVocabulary, num_steps: int, num_batches: int | None = None
-                             ) -> dict[str, int]:
-    """docs/method.md §2.2 steps 1-3 on at most `num_batches` batches (`None`: all), summed over DDP ranks: importance
-    of every concept per step with the starting SAE, averaged over the steps every concept was seen at, then the greedy
-    assignment. Images per (concept, step) can differ (a cap stops mid-pass), so each step's statistics weight the
-    concepts by that step's own counts."""
-    num_objects, device = len(vocabulary.objects), sae.W_dec.device
-    stats = ConceptStatsAccumulator(vocabulary.concepts, num_steps, sae.num_latents, device)
-    for batch in itertools.islice(batches, num_batches):
-        codes = sae.mean_code(batch["act"].to(device, sae.W_dec.dtype))  # [B, L], from float16 as stored
-        objects, styles, steps = (batch[key].to(device) for key in ("object", "style", "step"))
-        styled = styles != NO_STYLE
-        stats.update(objects, steps, codes)
-        stats.update(num_objects + styles[styled], steps[styled], codes[styled])
-    stats.all_reduce()
-    seen = (stats.images > 0).all(0)  # [T]: steps at which every concept has samples
-    if not seen.any():
-        raise ValueError(f"The assignment batches (model.objective.assignment_batches={num_batches}) do not show "
-                         f"every concept of {vocabulary.concepts} at one step; raise it or give concept_latents.")
-    sums, images = stats.sums[:, seen], stats.images[:, seen, None].double()  # [C, T', L], [C, T', 1]
-    others = (sums.sum(0) - sums) / (images.sum(0) - images)  # μ_¬c: the image-weighted mean of the other concepts
-
-    def shares(means: Tensor) -> Tensor:  # each mean code over its latent sum (docs/method.md §3.2)
-        return means / (means.sum(-1, keepdim=True) + NORMALISATION_EPS)
-
-    return assign_latents((shares(sums / images) - shares(others)).mean(1), vocabulary)  # ā_c [C, L] over steps
 
 
 def squared_correlation(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:

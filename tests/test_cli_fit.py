@@ -18,7 +18,7 @@ from datamodules.activations import ActivationDataModule
 from saemnesia.concepts import load_concept_latents
 from saemnesia.sae import SparseAutoencoder
 from saemnesia import training  # noqa: F401  (allows the checkpoints' hyper-parameter classes in weights_only loads)
-from saemnesia.objectives import estimate_concept_latents
+from saemnesia.assignment import estimate_concept_latents
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKPOINT = "unet.mid_block"  # the synthetic shards' hookpoint

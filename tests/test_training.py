@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from saemnesia.concepts import NO_STYLE, ConceptVocabulary, assign_latents
-from saemnesia.objectives import SupervisedObjective, UnsupervisedObjective, estimate_concept_latents
+from saemnesia.assignment import estimate_concept_latents
+from saemnesia.objectives import SupervisedObjective, UnsupervisedObjective
 from saemnesia.sae import SaeConfig, SparseAutoencoder
 from saemnesia.stats import ConceptStats
 
