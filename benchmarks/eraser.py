@@ -23,8 +23,13 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from benchmarks.common import (machine_description, matmul_flops_per_second, print_json_line, synchronizer,
-                               time_call)
+from benchmarks.common import (
+    machine_description,
+    matmul_flops_per_second,
+    print_json_line,
+    synchronizer,
+    time_call,
+)
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
 from saemnesia.erasure import ErasureConfig
 from saemnesia.generation import HookedDiffusion, PromptItem

@@ -41,8 +41,8 @@ ConceptParamsLike = Mapping[str, Any]
 
 
 class ErasureTables(NamedTuple):
-    """Per-step tables `[T, K]` (K the most latents selected at any step) on the SAE's device, in the rule's dtype:
-    float32, or float64 for a float64 SAE. Padding slots have `valid` False and an infinite threshold."""
+    """Per-step tables `[T, K]` (K the most latents selected at any step) on the SAE's device; the float ones are in
+    the rule's dtype, float32 (float64 for a float64 SAE). Padding slots have `valid` False, an infinite threshold."""
 
     latents: Tensor
     """int64 latent indices of `I_t`, ascending in the valid slots."""
@@ -118,7 +118,6 @@ class ConceptEraser:
             raise ValueError(f"start_step must lie in [0, {stats.num_steps}) for the concept statistics{source} of "
                              f"{stats.num_steps} steps; got {start_step}.")
         self.sae = sae
-        self.params = params
         self.error_mode = error_mode
         self.start_step = start_step
         self.use_beta = use_beta

@@ -70,7 +70,7 @@ def test_importance_matches_naive_loop() -> None:
 
 
 @pytest.mark.parametrize("percentile", [0.0, 37.5, 90.0, 99.0, 100.0])
-def test_selected_latents_match_sort_based_threshold(percentile: float) -> None:
+def test_selection_mask_matches_sort_based_threshold(percentile: float) -> None:
     stats = stats_of(random_images(seed=1))
     for concept in CONCEPTS:
         mask = stats.selection_mask(concept, percentile)

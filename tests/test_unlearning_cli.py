@@ -127,7 +127,7 @@ def test_percentile_and_multiplier_override_every_target_without_reading_class_p
     assert builder.params_for(("Circle", "Square")) == {name: {"percentile": 99.5, "multiplier": -3.0}
                                                          for name in ("Circle", "Square")}
     with pytest.raises(FileNotFoundError, match="class_params file missing.json does not exist."):
-        ErasureBuilder(replace(erasure, percentile=None), HOOKPOINT, num_steps=3)  # the file is needed for the percentiles
+        ErasureBuilder(replace(erasure, percentile=None), HOOKPOINT, num_steps=3)  # the file holds the percentiles
 
 
 def test_erasure_rewrites_both_halves_at_every_step_and_capture_sees_its_output(toy_cwd):
