@@ -11,7 +11,7 @@ dense `[N, L] @ [L, d]` decode. The last line is one JSON object with every figu
     python -m benchmarks.sae_step --objective unsupervised --encoder_backward dense --kernel_repeats 0
 
 Defaults are the published size (d 1280, 20480 latents, k 32, batches of 4096 tokens) with few steps, because
-one step takes several seconds on a small CPU; on a GPU raise `--steps`.
+a CPU step at that size is slow; on a GPU raise `--steps`.
 """
 
 from __future__ import annotations
