@@ -89,8 +89,7 @@ class StepIndex:
     """
 
     def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-        self._timesteps: Tensor | None = None  # the list `_steps` was read from
+        self.scheduler, self._timesteps = scheduler, None  # `_timesteps`: the list `_steps` was read from
         self._steps: dict[float, int | None] = {}  # timestep value → step; None where the list repeats it
 
     def __call__(self, timestep: Tensor | float) -> int:
@@ -107,10 +106,8 @@ class StepIndex:
         if len(set(values)) != 1:
             raise ValueError(f"The UNet received differing timesteps {values}; one step has one timestep.")
         if values[0] not in self._steps:
-            raise ValueError(
-                f"Timestep {values[0]} is not among the {len(timesteps)} timesteps of {name} "
-                f"({timesteps[0].item()}..{timesteps[-1].item()}); the UNet was called outside its sampling loop."
-            )
+            raise ValueError(f"Timestep {values[0]} is not among the {len(timesteps)} timesteps of {name} "
+                             f"({timesteps[0]}..{timesteps[-1]}); the UNet was called outside its sampling loop.")
         step = self._steps[values[0]]
         if step is None:
             raise ValueError(f"{name} repeats timestep {values[0]}, so its step index is ambiguous; use a scheduler "
