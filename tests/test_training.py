@@ -197,3 +197,26 @@ def test_float16_batches_train_like_float32_batches_of_the_same_values(objective
     from_float16, _ = first_step_loss(objective, "32-true", tmp_path, act_dtype=torch.float16)
     from_float32, _ = first_step_loss(objective, "32-true", tmp_path, act_dtype=torch.float32)
     assert from_float16 == from_float32
+
+
+def test_the_assignment_and_counters_are_module_state_restored_with_the_checkpoint():
+    """What `--ckpt_path` restores: the supervised objective's assignment (so resuming does not estimate it again) and
+    the unsupervised dead-latent counters travel in the state dict; the checkpoint also names the assignment."""
+    from saemnesia.training import SAEModule
+
+    vocabulary = ConceptVocabulary(objects=("Bears", "Cats"), styles=("Cubism",))
+    mapping = {"Bears": 5, "Cats": 1, "Cubism": 9}
+    common = dict(d_in=8, activations_hookpoint="unet.mid_block", vocabulary=vocabulary, sae=SaeConfig(num_latents=16, k=2))
+    trained = SAEModule(**common, objective=SupervisedObjective(concept_latents=mapping))
+    resumed = SAEModule(**common, objective=SupervisedObjective())
+    assert resumed.concept_latents is None
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.concept_latents == mapping
+    checkpoint = {}
+    resumed.on_save_checkpoint(checkpoint)
+    assert checkpoint == {"concept_latents": mapping}
+
+    unsupervised, restored = SAEModule(**common), SAEModule(**common)
+    unsupervised.objective.tokens_since_fired[3] = 7
+    restored.load_state_dict(unsupervised.state_dict())
+    assert restored.objective.tokens_since_fired.tolist() == [0, 0, 0, 7] + [0] * 12
