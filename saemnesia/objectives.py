@@ -184,9 +184,9 @@ class SupervisedObjective(Objective):
         elif self.given_latents is not None:
             check_concept_latents(self.given_latents, "model.objective.concept_latents", vocabulary, sae.num_latents)
             self.assign(self.given_latents)
-        styles = ("object_hit_rate", "style_hit_rate") if vocabulary.styles else ("object_hit_rate",)
+        names = ("object_hit_rate", "style_hit_rate") if vocabulary.styles else ("object_hit_rate",)
         self.hit_rates = nn.ModuleDict({f"{stage}_{name}": WeightedMean()
-                                        for stage in ("train", "val") for name in styles})
+                                        for stage in ("train", "val") for name in names})
 
     def assign(self, concept_latents: dict[str, int]) -> None:
         self.latents.copy_(torch.tensor([concept_latents[name] for name in self.vocabulary.concepts]))
