@@ -11,7 +11,7 @@ from torch import Tensor
 
 from saemnesia.concepts import NO_STYLE, ConceptVocabulary, assign_latents
 from saemnesia.sae import SparseAutoencoder
-from saemnesia.stats import NORMALISATION_EPS, ConceptStatsAccumulator
+from saemnesia.stats import ConceptStats, ConceptStatsAccumulator
 
 
 @torch.no_grad()
@@ -35,10 +35,8 @@ def estimate_concept_latents(sae: SparseAutoencoder, batches: Iterable[dict[str,
     if not seen.any():
         raise ValueError(f"The assignment batches (model.objective.assignment_batches={num_batches}) do not show "
                          f"every concept of {vocabulary.concepts} at one step; raise it or give concept_latents.")
-    sums, images = stats.sums[:, seen], stats.images[:, seen, None].double()  # [C, T', L], [C, T', 1]
-    others = (sums.sum(0) - sums) / (images.sum(0) - images)  # μ_¬c: the image-weighted mean of the other concepts
-
-    def shares(means: Tensor) -> Tensor:  # each mean code over its latent sum (docs/method.md §3.2)
-        return means / (means.sum(-1, keepdim=True) + NORMALISATION_EPS)
-
-    return assign_latents((shares(sums / images) - shares(others)).mean(1), vocabulary)  # ā_c [C, L] over steps
+    scores = torch.stack([  # s_c[t] of docs/method.md §3.2, with step t's own image counts
+        ConceptStats(vocabulary.concepts, (stats.sums[:, t] / stats.images[:, t, None])[:, None],
+                     stats.images[:, t]).importance_all()[:, 0]
+        for t in seen.nonzero().flatten().tolist()])  # [T', C, L]
+    return assign_latents(scores.mean(0), vocabulary)  # ā_c [C, L], averaged over the steps
