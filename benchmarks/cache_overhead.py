@@ -14,16 +14,15 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jsonargparse import ArgumentParser
 
-from benchmarks.common import machine_description, print_json_line, synchronizer, time_call
+from benchmarks.common import benchmark_main, machine_description, time_call
 from callbacks.shard_writer import write_samples
 from saemnesia.generation import CaptureConfig, GenerationOutput, HookedDiffusion, PromptItem
 from saemnesia.hooks import ActivationCapture, HookContext
@@ -74,17 +73,8 @@ def prompt_items(batch_size: int) -> Iterator[list[PromptItem]]:
         yield [PromptItem(f"bench-{call}-{i}", PROMPTS[i % len(PROMPTS)], "Bears", None, 0) for i in range(batch_size)]
 
 
-def generation_step(module: HookedDiffusion, batches: Iterator[list[PromptItem]],
-                    sink: ShardSink | None) -> Callable[[], None]:
-    """One generation of the next batch, its samples written to `sink` when given."""
-    def step() -> None:
-        output = module.generate(next(batches))
-        if sink is not None:
-            write_samples(sink, output, HOOKPOINT, "cond")
-    return step
-
-
 def tiny_overhead(config: BenchmarkConfig, pipeline: str, folder: Path) -> dict[str, float]:
+    """Seconds per batch of `pipeline`'s plain generation and of generation with capture and shard writing."""
     options = dict(hookpoint=HOOKPOINT, num_steps=config.num_steps, height=config.height, width=config.width)
     plain = HookedDiffusion(pipeline, **options).to(config.device)
     hooked = HookedDiffusion(pipeline, capture=CaptureConfig(), **options).to(config.device)
@@ -92,14 +82,20 @@ def tiny_overhead(config: BenchmarkConfig, pipeline: str, folder: Path) -> dict[
     hooked.setup("predict")
     _, _, tokens, channels = hooked.generate(next(prompt_items(1))).activations.shape  # [1, S, H*W, C]
     sink = ShardSink(folder, "bench", tokens, channels)
-    sync = synchronizer(torch.device(config.device))
-    plain_time = time_call(generation_step(plain, prompt_items(config.batch_size), None), warmup=config.warmup,
-                           repeats=config.repeats, synchronize=sync)
-    cached_time = time_call(generation_step(hooked, prompt_items(config.batch_size), sink), warmup=config.warmup,
-                            repeats=config.repeats, synchronize=sync)
+
+    def seconds_per_batch(module: HookedDiffusion, sink: ShardSink | None) -> float:
+        """Each call generates the next batch and writes its samples to `sink` when given."""
+        batches = prompt_items(config.batch_size)
+
+        def step() -> None:
+            output = module.generate(next(batches))
+            if sink is not None:
+                write_samples(sink, output, HOOKPOINT, "cond")
+        return time_call(step, warmup=config.warmup, repeats=config.repeats, device=config.device).per_call
+
+    plain_s, cached_s = seconds_per_batch(plain, None), seconds_per_batch(hooked, sink)
     sink.close()
-    return {"plain_s_per_batch": plain_time.per_call, "capture_write_s_per_batch": cached_time.per_call,
-            "overhead": cached_time.per_call / plain_time.per_call - 1}
+    return {"plain_s_per_batch": plain_s, "capture_write_s_per_batch": cached_s, "overhead": cached_s / plain_s - 1}
 
 
 def payload_cost(config: BenchmarkConfig, folder: Path) -> dict[str, float]:
@@ -117,8 +113,7 @@ def payload_cost(config: BenchmarkConfig, folder: Path) -> dict[str, float]:
         output = GenerationOutput(next(batches), capture.stack(), steps, steps, images=torch.empty(0))
         write_samples(sink, output, HOOKPOINT, "cond")
 
-    timing = time_call(capture_and_write, warmup=config.warmup, repeats=config.repeats,
-                       synchronize=synchronizer(device))
+    timing = time_call(capture_and_write, warmup=config.warmup, repeats=config.repeats, device=device)
     sink.close()
     per_step = timing.per_call / config.payload_steps
     per_map = per_step / config.payload_batch
@@ -134,17 +129,13 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         pipeline = config.pipeline or str(save_tiny_pipeline(Path(scratch) / "tiny"))
         tiny = tiny_overhead(config, pipeline, Path(scratch) / "tiny-shards")
         payload = payload_cost(config, Path(scratch) / "payload-shards")
-    return {"config": asdict(config), "machine": machine_description(torch.device(config.device)),
-            "generation": tiny, "sd15_payload": payload}
+    return {"benchmark": "cache_overhead", "config": asdict(config),
+            "machine": machine_description(torch.device(config.device)), "generation": tiny, "sd15_payload": payload}
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options, run, print the report as the last line and return it."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_class_arguments(BenchmarkConfig)  # one option per field, same names
-    report = run_benchmark(BenchmarkConfig(**parser.parse_args(args).as_dict()))
-    print_json_line(report)
-    return report
+    return benchmark_main(BenchmarkConfig, run_benchmark, __doc__, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmark scripts: synchronised wall-clock timing, the machine's measured dense
-matmul FLOP/s (the yardstick for "fraction of peak"), and the one-JSON-object last line every script prints."""
+"""Helpers shared by the benchmark scripts: synchronised wall-clock timing, the machine's measured dense matmul FLOP/s
+(the yardstick for "fraction of peak"), and the command line: options from a config dataclass, then the report as
+the one-JSON-object last line every script prints."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+from jsonargparse import ArgumentParser
+
+Config = TypeVar("Config")
 
 
 class Timing(NamedTuple):
@@ -27,22 +31,22 @@ class Timing(NamedTuple):
         return self.seconds / self.calls
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
     """A function that waits for the device's queued work; a no-op on CPU, where work is synchronous."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int,
-              synchronize: Callable[[], None] = lambda: None) -> Timing:
+def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int, device: torch.device | str = "cpu") -> Timing:
     """Run `fn` `warmup` times untimed, then time `repeats` calls with `time.perf_counter`.
 
-    The device is synchronised only before and after the timed block, not between calls, so asynchronous devices
-    keep their queue full as they would in a real loop.
+    The device (where `fn` queues its work) is synchronised only before and after the timed block, not between
+    calls, so asynchronous devices keep their queue full as they would in a real loop.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_call needs warmup >= 0 and repeats >= 1; got warmup={warmup}, repeats={repeats}.")
+    synchronize = synchronizer(device)
     for _ in range(warmup):
         fn()
     synchronize()
@@ -54,7 +58,7 @@ def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int,
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
-                     synchronize: Callable[[], None] = lambda: None) -> dict[str, float]:
+                     device: torch.device | str = "cpu") -> dict[str, float]:
     """Median seconds per call of each function, calling them in turn (`repeats` rounds after `warmup` untimed ones).
 
     Alternating the candidates spreads a change of machine load over all of them, so their ratio stays fair on a
@@ -62,6 +66,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats:
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_interleaved needs warmup >= 0 and repeats >= 1; got {warmup=}, {repeats=}.")
+    synchronize = synchronizer(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -86,8 +91,7 @@ def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device, dtype:
     a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
     b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
     out = torch.empty(m, n, device=device, dtype=dtype)
-    timing = time_call(lambda: torch.mm(a, b, out=out), warmup=warmup, repeats=repeats,
-                       synchronize=synchronizer(device))
+    timing = time_call(lambda: torch.mm(a, b, out=out), warmup=warmup, repeats=repeats, device=device)
     return 2 * m * k * n / timing.per_call
 
 
@@ -111,3 +115,15 @@ def print_json_line(result: dict[str, Any]) -> None:
     """Print `result` as one JSON line (the script's last line, which harnesses parse); NaN/inf are refused."""
     print(json.dumps(result, allow_nan=False), flush=True)
 
+
+
+def benchmark_main(config_class: type[Config], run: Callable[[Config], dict[str, Any]], doc: str,
+                   args: list[str] | None) -> dict[str, Any]:
+    """A script's `main`: one option per field of the dataclass `config_class` (a dataclass field's own fields as
+    dotted options, `--sae.d`) parsed from `args` (`None`: the command line) with the first paragraph of `doc` as
+    description; then `run`, and its report printed as the last line and returned."""
+    parser = ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_class_arguments(config_class)
+    report = run(config_class(**parser.instantiate(parser.parse_args(args)).as_dict()))
+    print_json_line(report)
+    return report

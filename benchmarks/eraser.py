@@ -27,7 +27,6 @@ from benchmarks.common import (
     machine_description,
     matmul_flops_per_second,
     print_json_line,
-    synchronizer,
     time_call,
 )
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
@@ -126,10 +125,9 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     eraser, hidden = build_eraser(config)
     sae, step = eraser.sae, config.steps // 2
     tokens = hidden.flatten(2).transpose(1, 2)  # [B, N, C]
-    sync = synchronizer(torch.device(config.device))
 
     def timed(fn: Any) -> float:
-        return time_call(fn, warmup=config.warmup, repeats=config.repeats, synchronize=sync).per_call
+        return time_call(fn, warmup=config.warmup, repeats=config.repeats, device=config.device).per_call
 
     erased, dense = eraser.apply(hidden, step), dense_erase(sae, eraser.tables, hidden, step)
     eraser_s = timed(lambda: eraser.apply(hidden, step))
@@ -181,10 +179,9 @@ def hooked_generation_cost(pipeline_config: TinyPipelineConfig, sae_config: SaeC
         items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
                  for index in range(prompts)]
         erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
-        sync = synchronizer(torch.device(device))
 
         def timed(batch: list[PromptItem]) -> float:
-            return time_call(lambda: module.generate(batch), warmup=warmup, repeats=repeats, synchronize=sync).per_call
+            return time_call(lambda: module.generate(batch), warmup=warmup, repeats=repeats, device=device).per_call
 
         unhooked_s, hooked_s = timed(items), timed(erasing)
     return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}

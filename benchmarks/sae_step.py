@@ -19,20 +19,19 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import ArgumentParser
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from benchmarks.common import (
+    benchmark_main,
     machine_description,
     matmul_flops_per_second,
-    print_json_line,
     synchronizer,
     time_call,
     time_interleaved,
@@ -90,16 +89,13 @@ class BenchmarkConfig:
     """Seed of the data and of both SAEs' initialisation (the two paths start from identical weights)."""
 
     def __post_init__(self) -> None:
-        if min(self.d, self.latents, self.k, self.tokens, self.tokens_per_sample, self.steps) < 1:
-            raise ValueError("--d, --latents, --k, --tokens, --tokens_per_sample and --steps must all be positive.")
+        # --d, --latents and --k are checked by SparseAutoencoder, --steps by time_call; these are the script's own.
         if self.kernel_repeats < 0:
             raise ValueError(f"--kernel_repeats must be 0 (skip) or a number of calls; got {self.kernel_repeats}.")
         if self.warmup < 1:
             raise ValueError(f"--warmup must be at least 1 (the first step initialises b_dec); got {self.warmup}.")
-        if self.k > self.latents:
-            raise ValueError(f"--k ({self.k}) must not exceed --latents ({self.latents}).")
-        if self.tokens % self.tokens_per_sample:
-            raise ValueError(f"--tokens ({self.tokens}) must be a multiple of --tokens_per_sample "
+        if min(self.tokens, self.tokens_per_sample) < 1 or self.tokens % self.tokens_per_sample:
+            raise ValueError(f"--tokens ({self.tokens}) must be a positive multiple of --tokens_per_sample "
                              f"({self.tokens_per_sample}) so supervised batches hold whole maps.")
         if self.objective != "unsupervised" and self.latents < len(CONCEPT_LATENTS):
             raise ValueError(f"--latents must be at least {len(CONCEPT_LATENTS)} for the supervised objective (one "
@@ -160,17 +156,9 @@ def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[s
     return batches
 
 
-class CycledBatches(Dataset):
-    """`length` items cycling through pre-made batches; with `batch_size=None` the DataLoader yields them as is."""
-
-    def __init__(self, batches: list[dict[str, Tensor]], length: int):
-        self.batches, self.length = batches, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return self.batches[index % len(self.batches)]
+def cycled(batches: list[dict[str, Tensor]], length: int) -> list[dict[str, Tensor]]:
+    """`length` items cycling through pre-made batches; with `batch_size=None` a DataLoader yields them as they are."""
+    return [batches[index % len(batches)] for index in range(length)]
 
 
 class StepTimer(pl.Callback):
@@ -201,7 +189,7 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
         objective=config.objective_module(objective), sae=config.sae_config(objective), lr=LEARNING_RATES[objective],
         lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
     )
-    timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(torch.device(config.device)))
+    timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(config.device))
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator="gpu" if config.device == "cuda" else "cpu", devices=1, precision=config.precision,
@@ -209,7 +197,7 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, default_root_dir=root,
         )
-        loader = DataLoader(CycledBatches(batches, config.total_steps), batch_size=None)
+        loader = DataLoader(cycled(batches, config.total_steps), batch_size=None)
         trainer.fit(module, train_dataloaders=loader)
     return RunResult(timer.end - timer.start, module.sae)
 
@@ -230,7 +218,7 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
     renormalise = loss.renormalises_decoder
     if unsupervised:
         sae.init_b_dec_to_geometric_median(batches[0]["act"])  # as SAEModule does on its first batch
-    batch_stream: Iterator[dict[str, Tensor]] = iter(CycledBatches(batches, config.total_steps))
+    batch_stream = iter(cycled(batches, config.total_steps))
 
     def step() -> None:
         batch = next(batch_stream)
@@ -248,7 +236,7 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
         if schedule is not None:
             schedule.step()
 
-    timing = time_call(step, warmup=config.warmup, repeats=config.steps, synchronize=synchronizer(device))
+    timing = time_call(step, warmup=config.warmup, repeats=config.steps, device=device)
     return RunResult(timing.seconds, sae)
 
 
@@ -300,7 +288,7 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
         "auxk_sparse": loss_gradients("sparse", all_dead), "auxk_dense": loss_gradients("dense", all_dead),
         "decoder_sparse": decoder_gradients(SparseAutoencoder.decode), "decoder_dense": decoder_gradients(dense_decode),
     }
-    medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, synchronize=synchronizer(device))
+    medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, device=device)
     seconds = {f"{name}_s": value for name, value in medians.items()}
     difference = max(float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
                      for sparse, dense in zip(cases["auxk_sparse"](), cases["auxk_dense"]()))
@@ -346,11 +334,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options, run, print the report as the last line and return it."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_class_arguments(BenchmarkConfig)  # one option per field, same names
-    report = run_benchmark(BenchmarkConfig(**parser.parse_args(args).as_dict()))
-    print_json_line(report)
-    return report
+    return benchmark_main(BenchmarkConfig, run_benchmark, __doc__, args)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ArgumentParser
 
-from benchmarks.common import machine_description, print_json_line, time_call
+from benchmarks.common import benchmark_main, machine_description, time_call
 from datamodules.activations import ActivationDataModule
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, ConceptVocabulary
 from saemnesia.shards import ShardManifest, ShardSink, sample_key
@@ -72,12 +71,7 @@ class StreamBenchmarkConfig:
     """Seed of the activations and of the streams."""
 
     def __post_init__(self) -> None:
-        if min(self.d, self.side, self.samples, self.samples_per_shard, self.token_batch, self.map_batch,
-               self.token_buffer, self.map_buffer, self.repeats) < 1:
-            raise ValueError("--d, --side, --samples, --samples_per_shard, --token_batch, --map_batch, --token_buffer, "
-                             "--map_buffer and --repeats must be positive.")
-        if not self.workers or min(self.workers) < 0:
-            raise ValueError(f"--workers must list worker counts >= 0, got {self.workers}.")
+        # Sizes are checked by ShardSink, batches, buffers and workers by ActivationDataModule, --repeats by time_call.
         if self.samples < 2 * self.samples_per_shard:
             raise ValueError(f"--samples ({self.samples}) must fill at least two shards of --samples_per_shard "
                              f"({self.samples_per_shard}).")
@@ -177,11 +171,7 @@ def run_benchmark(config: StreamBenchmarkConfig) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options, run, print the report as the last line and return it."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_class_arguments(StreamBenchmarkConfig)  # one option per field, same names
-    report = run_benchmark(StreamBenchmarkConfig(**parser.parse_args(args).as_dict()))
-    print_json_line(report)
-    return report
+    return benchmark_main(StreamBenchmarkConfig, run_benchmark, __doc__, args)
 
 
 if __name__ == "__main__":
