@@ -4,12 +4,13 @@
 what the reference hook computes: encode, scatter the TopK code into a dense `[tokens, L]` tensor, and decode it twice
 (`[tokens, L] @ [L, d]`) before and after erasing. Both run in the same process on the same block output, and must
 agree. It prints the eraser's time over the dense time (target ≤ 0.6) and the encoder's share (the floor every
-implementation pays). Then it times whole generations on the tiny test pipeline, `HookedDiffusion` erasing one
-concept against the same prompts unhooked (the hook's share of a generation). The last line is one JSON object
-with every figure.
+implementation pays). Then it times whole generations on a random-weight pipeline (the tiny test pipeline, or one
+with SD1.5's UNet) on the same device and in the same dtype, `HookedDiffusion` erasing one concept against the same
+prompts unhooked (the hook's share of a generation). The last line is one JSON object with every figure.
 
     python -m benchmarks.eraser                                  # CPU, float32, one CFG batch of 8 prompts
     python -m benchmarks.eraser --device cuda --dtype float16 --repeats 50
+    python -m benchmarks.eraser --generation_pipeline sd15 --generation_resolution 64 --generation_steps 2
 """
 
 from __future__ import annotations
@@ -20,15 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from benchmarks.common import (
-    machine_description,
-    matmul_flops_per_second,
-    print_json_line,
-    time_call,
-)
+from benchmarks.common import benchmark_main, machine_description, matmul_flops_per_second, time_call
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
 from saemnesia.erasure import ErasureConfig
 from saemnesia.generation import HookedDiffusion, PromptItem
@@ -40,6 +35,14 @@ from saemnesia.unlearning import ConceptEraser, ErasureTables
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGET = UNLEARNCANVAS_OBJECTS[1]  # "Bears"; any concept serves, the cost does not depend on which
 MEAN_CODE_SCALE = 0.05  # typical token-averaged TopK activation, so the thresholds let some latents through
+SD15_SIZED = TinyPipelineConfig(
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=8, text_hidden_size=768,
+    text_layers=12, vae_block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=64,
+)
+"""SD1.5's UNet exactly (its defaults are SD1.5's other settings); the 12-layer, 768-wide text encoder has 8 heads and
+a 1536-wide MLP (SD1.5: 12 and 3072) and the VAE one layer per block (SD1.5: 2). Neither matters to the timing: the text
+encoder runs once per generation and the generations stop at the latents."""
+PIPELINES = {"sd15": SD15_SIZED, "tiny": TinyPipelineConfig()}
 
 
 @dataclass
@@ -71,19 +74,21 @@ class EraserBenchmarkConfig:
     repeats: int = 3
     """Timed calls of each implementation."""
     warmup: int = 1
-    """Untimed calls before them."""
+    """Untimed calls (and generations) before the timed ones."""
     seed: int = 0
-    """Seed of the SAE, the statistics and the block output."""
+    """Seed of the SAEs, the statistics and the block output."""
     generation_prompts: int = 8
-    """Prompts per generation of the tiny-pipeline comparison (0 skips it)."""
+    """Prompts per generation of the hooked-generation comparison (0 skips it)."""
     generation_steps: int = 20
-    """DDIM steps of those generations."""
-
-    def __post_init__(self) -> None:
-        if min(self.batch, self.height, self.width, self.d, self.latents, self.k, self.steps, self.repeats) < 1:
-            raise ValueError("--batch, --height, --width, --d, --latents, --k, --steps and --repeats must be positive.")
-        if self.k > self.latents:
-            raise ValueError(f"--k ({self.k}) must not exceed --latents ({self.latents}).")
+    """DDIM steps of those generations, and steps of their statistics."""
+    generation_pipeline: Literal["tiny", "sd15"] = "tiny"
+    """Random-weight pipeline of the generations: the tiny test pipeline or SD1.5's UNet (`SD15_SIZED`)."""
+    generation_resolution: int = 64
+    """Image side of the generations in pixels (64: 4 × 4 tokens at the tiny pipeline's hookpoint)."""
+    generation_k: int = 8
+    """TopK of the generations' erasure SAE (16 latents per hookpoint channel)."""
+    generation_repeats: int = 3
+    """Timed generations per path."""
 
 
 def dense_erase(sae: SparseAutoencoder, tables: ErasureTables, hidden: Tensor, step: int) -> Tensor:
@@ -150,48 +155,45 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     }
 
 
-def hooked_generation_cost(pipeline_config: TinyPipelineConfig, sae_config: SaeConfig, *, prompts: int, steps: int,
-                           resolution: int, multiplier: float, warmup: int, repeats: int, seed: int,
-                           device: str = "cpu", dtype: str = "float32") -> dict[str, float]:
-    """Seconds per generation of `prompts` prompts with a random-weight pipeline of `pipeline_config` (saved and
-    loaded as a folder, as real runs do), erasing one concept (its top latent) at every UNet call versus unhooked.
+def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
+    """Seconds per generation of `generation_prompts` prompts with the random-weight `generation_pipeline` (saved
+    and loaded as a folder, as real runs do), erasing one concept (its top latent) at every UNet call versus unhooked.
 
-    The erasure SAE (`sae_config`, float32 as `ErasureConfig` loads it) reads the `unet.up_blocks.1.attentions.1`
-    output, whose width is `block_out_channels[-1]` in the SD1.5 layouts of both the tiny and the SD1.5-sized config.
+    The erasure SAE (float32 as `ErasureConfig` loads it) reads the `unet.up_blocks.1.attentions.1` output, whose
+    width is `block_out_channels[-1]` in the SD1.5 layouts of both the tiny and the SD1.5-sized config.
     """
-    d = pipeline_config.block_out_channels[-1]
+    pipeline, steps = PIPELINES[config.generation_pipeline], config.generation_steps
     concepts = [f"concept{index}" for index in range(4)]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        save_tiny_pipeline(root / "pipeline", pipeline_config)
-        torch.manual_seed(seed)
-        sae = SparseAutoencoder(d, sae_config)
+        save_tiny_pipeline(root / "pipeline", pipeline)
+        torch.manual_seed(config.seed)
+        sae = SparseAutoencoder(pipeline.block_out_channels[-1], SaeConfig(expansion_factor=16, k=config.generation_k))
         sae.save(root / "sae")
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(config.seed)
         means = MEAN_CODE_SCALE * torch.rand(len(concepts), steps, sae.num_latents, generator=generator)  # [C, T, L]
         ConceptStats(concepts, means, torch.full((len(concepts),), 8)).save(root / "stats.safetensors")
         erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"),
-                                percentile=100 * (1 - 1 / sae.num_latents), multiplier=multiplier)
-        module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=steps, height=resolution,
-                                 width=resolution, output_type="latent", dtype=dtype)
-        module.to(device)  # setup loads the pipeline onto the module's device
+                                percentile=100 * (1 - 1 / sae.num_latents), multiplier=config.multiplier)
+        module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=steps,
+                                 height=config.generation_resolution, width=config.generation_resolution,
+                                 output_type="latent", dtype=config.dtype)
+        module.to(config.device)  # setup loads the pipeline onto the module's device
         module.setup("predict")
         items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
-                 for index in range(prompts)]
+                 for index in range(config.generation_prompts)]
         erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
 
         def timed(batch: list[PromptItem]) -> float:
-            return time_call(lambda: module.generate(batch), warmup=warmup, repeats=repeats, device=device).per_call
+            return time_call(lambda: module.generate(batch), warmup=config.warmup, repeats=config.generation_repeats,
+                             device=config.device).per_call
 
         unhooked_s, hooked_s = timed(items), timed(erasing)
     return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse the options, run, print the report as the last line and return it."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_class_arguments(EraserBenchmarkConfig)  # one option per field, same names
-    config = EraserBenchmarkConfig(**parser.parse_args(args).as_dict())
+def run_benchmark(config: EraserBenchmarkConfig) -> dict[str, Any]:
+    """The UNet-call comparison and, unless `generation_prompts` is 0, the generation one; the JSON-ready report."""
     report: dict[str, Any] = {"benchmark": "eraser", "config": asdict(config),
                               "machine": machine_description(torch.device(config.device))}
     report["unet_call"] = cost = unet_call_cost(config)
@@ -202,15 +204,16 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
           f"{cost['eraser_matmul_fraction']:.2f} of it; max |eraser - dense| {cost['max_abs_difference']:.2e}, "
           f"{cost['tokens_changed']} tokens changed")
     if config.generation_prompts > 0:
-        report["generation"] = generation = hooked_generation_cost(
-            TinyPipelineConfig(), SaeConfig(expansion_factor=16, k=8), prompts=config.generation_prompts,
-            steps=config.generation_steps, resolution=64, multiplier=config.multiplier, warmup=config.warmup,
-            repeats=config.repeats, seed=config.seed)
-        print(f"tiny pipeline, {config.generation_prompts} prompts × {config.generation_steps} steps: unhooked "
-              f"{generation['unhooked_s']:.2f} s, erasing {generation['hooked_s']:.2f} s, "
-              f"ratio {generation['hooked_over_unhooked']:.3f}")
-    print_json_line(report)
+        report["generation"] = generation = hooked_generation_cost(config)
+        print(f"{config.generation_pipeline} pipeline, {config.generation_prompts} prompts × {config.generation_steps} "
+              f"steps at {config.generation_resolution} px: unhooked {generation['unhooked_s']:.2f} s, erasing "
+              f"{generation['hooked_s']:.2f} s, ratio {generation['hooked_over_unhooked']:.3f}")
     return report
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse the options, run, print the report as the last line and return it."""
+    return benchmark_main(EraserBenchmarkConfig, run_benchmark, __doc__, args)
 
 
 if __name__ == "__main__":

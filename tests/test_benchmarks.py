@@ -145,10 +145,14 @@ def test_gpu_suite_runs_on_a_cpu_at_tiny_sizes_and_appends_its_markdown_section(
 
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nEarlier runs.\n")
-    report = gpu_suite.main(["--device=cpu", "--d=16", "--latents=128", "--k=4", "--tokens=64",
-                             "--tokens_per_sample=16", "--sae_steps=1", "--sae_warmup=1", "--kernel_repeats=1",
-                             "--dtype=float32", "--eraser_repeats=1", "--pipeline=tiny", "--resolution=32", "--steps=2",
-                             "--prompts=1", "--generation_repeats=1", "--warmup=0", f"--markdown={results}"])
+    sae = dict(device="cpu", d=16, latents=128, k=4, tokens=64, tokens_per_sample=16, steps=1, warmup=1,
+               kernel_repeats=1)
+    eraser = dict(device="cpu", batch=2, height=1, width=1, d=16, latents=128, k=4, steps=2, dtype="float32",
+                  repeats=1, warmup=0, generation_pipeline="tiny", generation_resolution=32, generation_steps=2,
+                  generation_prompts=1, generation_k=4, generation_repeats=1)
+    report = gpu_suite.main([f"--sae.{name}={value}" for name, value in sae.items()]
+                            + [f"--eraser.{name}={value}" for name, value in eraser.items()]
+                            + [f"--markdown={results}"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
     assert set(report["sae"]) == {"32-true", "bf16-mixed"}
     assert report["eraser"]["max_abs_difference"] < 1e-5  # the eraser agrees with the dense reference hook
@@ -165,7 +169,7 @@ def test_gpu_suite_refuses_cuda_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(ValueError, match="--device cuda needs a visible CUDA GPU"):
+    with pytest.raises(ValueError, match="--sae.device / --eraser.device cuda needs a visible CUDA GPU"):
         SuiteConfig()
 
 
