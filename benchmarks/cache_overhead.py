@@ -123,6 +123,7 @@ def payload_cost(config: BenchmarkConfig, folder: Path) -> dict[str, float]:
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+    """Both measurements in one scratch folder; returns the JSON-ready report."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     with tempfile.TemporaryDirectory() as scratch:

@@ -104,16 +104,9 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def print_json_line(result: dict[str, Any]) -> None:
-    """Print `result` as one JSON line (the script's last line, which harnesses parse); NaN/inf are refused."""
-    print(json.dumps(result, allow_nan=False), flush=True)
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return models[0] if models else platform.processor() or platform.machine()
 
 
 
@@ -121,9 +114,10 @@ def benchmark_main(config_class: type[Config], run: Callable[[Config], dict[str,
                    args: list[str] | None) -> dict[str, Any]:
     """A script's `main`: one option per field of the dataclass `config_class` (a dataclass field's own fields as
     dotted options, `--sae.d`) parsed from `args` (`None`: the command line) with the first paragraph of `doc` as
-    description; then `run`, and its report printed as the last line and returned."""
+    description; then `run`, and its report printed as one JSON line (the last, which harnesses parse; NaN and inf
+    are refused) and returned."""
     parser = ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_class_arguments(config_class)
     report = run(config_class(**parser.instantiate(parser.parse_args(args)).as_dict()))
-    print_json_line(report)
+    print(json.dumps(report, allow_nan=False), flush=True)
     return report

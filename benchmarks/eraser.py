@@ -32,7 +32,6 @@ from saemnesia.sae import SaeConfig, SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser, ErasureTables
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGET = UNLEARNCANVAS_OBJECTS[1]  # "Bears"; any concept serves, the cost does not depend on which
 MEAN_CODE_SCALE = 0.05  # typical token-averaged TopK activation, so the thresholds let some latents through
 SD15_SIZED = TinyPipelineConfig(
@@ -111,7 +110,7 @@ def dense_erase(sae: SparseAutoencoder, tables: ErasureTables, hidden: Tensor, s
 
 def build_eraser(config: EraserBenchmarkConfig) -> tuple[ConceptEraser, Tensor]:
     """A random SAE of the configured size, statistics of the 20 UnlearnCanvas objects, and one block output."""
-    device, dtype = torch.device(config.device), DTYPES[config.dtype]
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     sae = SparseAutoencoder(config.d, SaeConfig(num_latents=config.latents, k=config.k)).to(device, dtype)
     generator = torch.Generator().manual_seed(config.seed)
@@ -142,17 +141,11 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     encoder_flops = 2 * tokens.shape[0] * tokens.shape[1] * config.d * config.latents
     flops_per_s = matmul_flops_per_second(tokens.shape[0] * tokens.shape[1], config.d, config.latents,
                                           hidden.device, hidden.dtype, warmup=config.warmup, repeats=config.repeats)
-    return {
-        "eraser_s": eraser_s,
-        "dense_s": dense_s,
-        "encoder_s": encoder_s,
-        "eraser_over_dense": eraser_s / dense_s,
-        "encoder_over_eraser": encoder_s / eraser_s,
-        "matmul_flops_per_s": flops_per_s,
-        "eraser_matmul_fraction": encoder_flops / (eraser_s * flops_per_s),
-        "max_abs_difference": float((erased.float() - dense.float()).abs().max()),
-        "tokens_changed": int((erased != hidden).any(dim=1).sum()),
-    }
+    return {"eraser_s": eraser_s, "dense_s": dense_s, "encoder_s": encoder_s, "eraser_over_dense": eraser_s / dense_s,
+            "encoder_over_eraser": encoder_s / eraser_s, "matmul_flops_per_s": flops_per_s,
+            "eraser_matmul_fraction": encoder_flops / (eraser_s * flops_per_s),
+            "max_abs_difference": float((erased.float() - dense.float()).abs().max()),
+            "tokens_changed": int((erased != hidden).any(dim=1).sum())}
 
 
 def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:

@@ -47,15 +47,13 @@ class SuiteConfig:
 
     sae: BenchmarkConfig = field(
         default_factory=lambda: BenchmarkConfig(device="cuda", steps=50, warmup=5, kernel_repeats=20))
-    """(a): `benchmarks.sae_step` at its published sizes with 50 timed steps and 20 kernel rounds, run once per entry of
-    `precisions` (which replaces its `precision`)."""
+    """(a) at the published sizes, 50 timed steps, 20 kernel rounds; at each of `precisions` (not at `precision`)."""
     precisions: list[Precision] = field(default_factory=lambda: ["32-true", "bf16-mixed"])
     """Lightning precisions of (a)."""
     eraser: EraserBenchmarkConfig = field(default_factory=lambda: EraserBenchmarkConfig(
         device="cuda", dtype="float16", repeats=50, generation_pipeline="sd15", generation_resolution=512,
         generation_steps=100, generation_k=32, generation_repeats=2))
-    """(b) at [16, 1280, 16, 16], the block output of 8 prompts' CFG batch at 512 px, and (c): 8 prompts at 512 px,
-    100 DDIM steps, SD1.5's UNet, an SAE with k 32; both in float16."""
+    """(b) at [16, 1280, 16, 16] (8 prompts' CFG batch at 512 px) and (c) on SD1.5's UNet, SAE k 32, both float16."""
     tf32: bool = False
     """Allow TF32 for float32 matmuls (`set_float32_matmul_precision("high")`); default IEEE float32."""
     markdown: str | None = None
@@ -71,27 +69,26 @@ class SuiteConfig:
             raise ValueError("--eraser.generation_prompts must be positive: the generations are part (c).")
 
 
-def matmul_settings() -> dict[str, Any]:
-    """The global settings that decide which matmul kernels run."""
-    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "bf16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32}
-
-
 def run_suite(config: SuiteConfig, command: str) -> dict[str, Any]:
     """(a), (b) and (c); prints the markdown section (appended to `markdown` if set) and returns the JSON-ready
     report."""
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+    matmul_settings = {  # the global settings that decide which matmul kernels run
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "bf16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32}
     report: dict[str, Any] = {"benchmark": "gpu_suite", "config": asdict(config),
                               "machine": machine_description(torch.device(config.sae.device)),
-                              "date": datetime.date.today().isoformat(), "matmul_settings": matmul_settings()}
+                              "date": datetime.date.today().isoformat(), "matmul_settings": matmul_settings}
     report["sae"] = {precision: run_sae(replace(config.sae, precision=precision)) for precision in config.precisions}
     erasure = run_eraser(config.eraser)
     report["eraser"], report["generation"] = erasure["unet_call"], erasure["generation"]
     section = markdown_section(report, command)
     print(section)
-    if config.markdown is not None:
-        append_markdown(config.markdown, section)
+    if config.markdown is not None:  # appended after a blank line (the file created if missing), atomically
+        path = Path(config.markdown)
+        existing = path.read_text().rstrip("\n") if path.exists() else ""
+        atomic_write_text(path, f"{existing}\n\n{section}" if existing else section)
     return report
 
 
@@ -135,13 +132,6 @@ def markdown_section(report: dict[str, Any], command: str) -> str:
         f"{generation['hooked_over_unhooked']:.3f}.", "",
     ]
     return "\n".join(lines)
-
-
-def append_markdown(path: str | Path, section: str) -> None:
-    """Append `section` to the file at `path` (created if missing) after a blank line, atomically."""
-    path = Path(path)
-    existing = path.read_text().rstrip("\n") if path.exists() else ""
-    atomic_write_text(path, f"{existing}\n\n{section}" if existing else section)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:

@@ -140,6 +140,7 @@ def datamodule(config: StreamBenchmarkConfig, folder: Path, token_level: bool, w
 
 
 def run_benchmark(config: StreamBenchmarkConfig) -> dict[str, Any]:
+    """The baselines and every stream on freshly written shards; returns the JSON-ready report."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         paths = write_shards(config, folder)
@@ -157,11 +158,10 @@ def run_benchmark(config: StreamBenchmarkConfig) -> dict[str, Any]:
                 ratio = speed / baselines["raw_read_MB_per_s"]
                 tokens_per_batch = data.batch_size * (1 if level == "token" else config.tokens_per_sample)
                 seconds_per_batch = tokens_per_batch * config.d * 2 / (speed * 1e6)  # float16 payload / speed
-                streams[f"{level}_workers{workers}"] = {"MB_per_s": speed, "vs_raw": ratio,
-                                                        "raw_just_before_MB_per_s": raw,
-                                                        "vs_raw_just_before": speed / raw,
-                                                        "vs_tarfile": speed / baselines["tarfile_MB_per_s"],
-                                                        "s_per_batch": seconds_per_batch}
+                streams[f"{level}_workers{workers}"] = {
+                    "MB_per_s": speed, "vs_raw": ratio, "raw_just_before_MB_per_s": raw,
+                    "vs_raw_just_before": speed / raw, "vs_tarfile": speed / baselines["tarfile_MB_per_s"],
+                    "s_per_batch": seconds_per_batch}
                 print(f"{level}-level stream, {workers} workers: {speed:.0f} MB/s delivered, {ratio:.3f} of the raw "
                       f"read, {speed / raw:.3f} of one timed just before ({raw:.0f} MB/s) (target >= 0.8), "
                       f"{seconds_per_batch * 1e3:.1f} ms per batch")
