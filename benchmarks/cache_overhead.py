@@ -131,12 +131,10 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         tiny = tiny_overhead(config, pipeline, Path(scratch) / "tiny-shards")
         payload = payload_cost(config, Path(scratch) / "payload-shards")
     return {"benchmark": "cache_overhead", "config": asdict(config),
-            "machine": machine_description(torch.device(config.device)), "generation": tiny, "sd15_payload": payload}
+            "machine": machine_description(config.device), "generation": tiny, "sd15_payload": payload}
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse the options, run, print the report as the last line and return it."""
-    return benchmark_main(BenchmarkConfig, run_benchmark, __doc__, args)
+main = benchmark_main(BenchmarkConfig, run_benchmark, __doc__)
 
 
 if __name__ == "__main__":

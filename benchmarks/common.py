@@ -95,9 +95,9 @@ def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device, dtype:
     return 2 * m * k * n / timing.per_call
 
 
-def machine_description(device: torch.device) -> dict[str, Any]:
+def machine_description(device: torch.device | str) -> dict[str, Any]:
     """What the numbers were measured on: the processor or GPU, CPU threads and the torch version."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_name()
     return {"device": name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -109,15 +109,16 @@ def cpu_name() -> str:
     return models[0] if models else platform.processor() or platform.machine()
 
 
-
-def benchmark_main(config_class: type[Config], run: Callable[[Config], dict[str, Any]], doc: str,
-                   args: list[str] | None) -> dict[str, Any]:
-    """A script's `main`: one option per field of the dataclass `config_class` (a dataclass field's own fields as
-    dotted options, `--sae.d`) parsed from `args` (`None`: the command line) with the first paragraph of `doc` as
-    description; then `run`, and its report printed as one JSON line (the last, which harnesses parse; NaN and inf
-    are refused) and returned."""
-    parser = ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_class_arguments(config_class)
-    report = run(config_class(**parser.instantiate(parser.parse_args(args)).as_dict()))
-    print(json.dumps(report, allow_nan=False), flush=True)
-    return report
+def benchmark_main(config_class: type[Config], run: Callable[[Config], dict[str, Any]],
+                   doc: str) -> Callable[[list[str] | None], dict[str, Any]]:
+    """A script's `main(args=None)`: one option per field of the dataclass `config_class` (a dataclass field's own
+    fields as dotted options, `--sae.d`) parsed from `args` (`None`: the command line) with the first paragraph of
+    `doc` as description; then `run`, and its report printed as one JSON line (the last, which harnesses parse; NaN
+    and inf are refused) and returned."""
+    def main(args: list[str] | None = None) -> dict[str, Any]:
+        parser = ArgumentParser(description=doc.split("\n\n")[0])
+        parser.add_class_arguments(config_class)
+        report = run(config_class(**parser.instantiate(parser.parse_args(args)).as_dict()))
+        print(json.dumps(report, allow_nan=False), flush=True)
+        return report
+    return main

@@ -188,7 +188,7 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
 def run_benchmark(config: EraserBenchmarkConfig) -> dict[str, Any]:
     """The UNet-call comparison and, unless `generation_prompts` is 0, the generation one; the JSON-ready report."""
     report: dict[str, Any] = {"benchmark": "eraser", "config": asdict(config),
-                              "machine": machine_description(torch.device(config.device))}
+                              "machine": machine_description(config.device)}
     report["unet_call"] = cost = unet_call_cost(config)
     print(f"[{config.batch}, {config.d}, {config.height}, {config.width}] {config.dtype}, L {config.latents}, "
           f"k {config.k}: eraser {cost['eraser_s'] * 1e3:.1f} ms, dense {cost['dense_s'] * 1e3:.1f} ms, "
@@ -204,9 +204,7 @@ def run_benchmark(config: EraserBenchmarkConfig) -> dict[str, Any]:
     return report
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse the options, run, print the report as the last line and return it."""
-    return benchmark_main(EraserBenchmarkConfig, run_benchmark, __doc__, args)
+main = benchmark_main(EraserBenchmarkConfig, run_benchmark, __doc__)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,16 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from benchmarks.common import benchmark_main, machine_description
 from benchmarks.eraser import EraserBenchmarkConfig
 from benchmarks.eraser import run_benchmark as run_eraser
-from benchmarks.sae_step import BenchmarkConfig
+from benchmarks.sae_step import BenchmarkConfig, Precision
 from benchmarks.sae_step import run_benchmark as run_sae
 from saemnesia.io import atomic_write_text
-
-Precision = Literal["32-true", "bf16-mixed"]
 
 
 @dataclass
@@ -63,8 +61,6 @@ class SuiteConfig:
         if "cuda" in (self.sae.device, self.eraser.device) and not torch.cuda.is_available():
             raise ValueError("--sae.device / --eraser.device cuda needs a visible CUDA GPU; use cpu and tiny sizes for "
                              "a smoke run.")
-        if not self.precisions:
-            raise ValueError("--precisions must name at least one of 32-true and bf16-mixed.")
         if self.eraser.generation_prompts < 1:
             raise ValueError("--eraser.generation_prompts must be positive: the generations are part (c).")
 
@@ -78,7 +74,7 @@ def run_suite(config: SuiteConfig, command: str) -> dict[str, Any]:
         "bf16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
         "cudnn_tf32": torch.backends.cudnn.allow_tf32}
     report: dict[str, Any] = {"benchmark": "gpu_suite", "config": asdict(config),
-                              "machine": machine_description(torch.device(config.sae.device)),
+                              "machine": machine_description(config.sae.device),
                               "date": datetime.date.today().isoformat(), "matmul_settings": matmul_settings}
     report["sae"] = {precision: run_sae(replace(config.sae, precision=precision)) for precision in config.precisions}
     erasure = run_eraser(config.eraser)
@@ -137,7 +133,7 @@ def markdown_section(report: dict[str, Any], command: str) -> str:
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options, run the suite, print the markdown section and the JSON report (last line)."""
     command = shlex.join(["python", "-m", "benchmarks.gpu_suite", *(sys.argv[1:] if args is None else args)])
-    return benchmark_main(SuiteConfig, lambda config: run_suite(config, command), __doc__, args)
+    return benchmark_main(SuiteConfig, lambda config: run_suite(config, command), __doc__)(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
@@ -41,6 +42,7 @@ from saemnesia.sae import EncoderBackward, SaeConfig, SparseAutoencoder
 from saemnesia.training import SAEModule
 
 Objective = Literal["unsupervised", "supervised"]
+Precision = Literal["32-true", "bf16-mixed"]
 VOCABULARY = ConceptVocabulary(objects=tuple(UNLEARNCANVAS_OBJECTS), styles=tuple(UNLEARNCANVAS_STYLES))
 # Explicit assignment, so the supervised fit runs no assignment pass (which would need a datamodule).
 CONCEPT_LATENTS = {name: latent for latent, name in enumerate(VOCABULARY.concepts)}
@@ -69,7 +71,7 @@ class BenchmarkConfig:
     """Untimed steps before them (Adam state, b_dec median init, allocator and kernel warm-up); at least 1."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where both paths run."""
-    precision: Literal["32-true", "bf16-mixed"] = "32-true"
+    precision: Precision = "32-true"
     """Lightning precision; the plain loop uses the matching autocast. The matmul yardstick uses its dtype."""
     objective: Literal["unsupervised", "supervised", "both"] = "both"
     """Which objective(s) to benchmark."""
@@ -266,25 +268,20 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
     top_acts.requires_grad_()
     grad_out = torch.randn_like(x)  # [N, d]
 
-    def loss_gradients(encoder_backward: EncoderBackward, dead_mask: Tensor | None) -> Callable[[], Sequence[Tensor]]:
-        def run() -> Sequence[Tensor]:
-            with config.autocast():
-                out = sae(x, dead_mask=dead_mask, encoder_backward=encoder_backward)
-            return torch.autograd.grad(out.fvu + out.auxk_loss / 32, list(sae.parameters()))
-        return run
+    def loss_gradients(encoder_backward: EncoderBackward, dead_mask: Tensor | None) -> Sequence[Tensor]:
+        with config.autocast():
+            out = sae(x, dead_mask=dead_mask, encoder_backward=encoder_backward)
+        return torch.autograd.grad(out.fvu + out.auxk_loss / 32, list(sae.parameters()))
 
-    def decoder_gradients(decode: Callable[..., Tensor]) -> Callable[[], Sequence[Tensor]]:
-        def run() -> Sequence[Tensor]:
-            with config.autocast():
-                out = decode(sae, top_acts, top_indices)  # [N, d]
-            return torch.autograd.grad(out, [top_acts, sae.W_dec], grad_out)
-        return run
+    def decoder_gradients(decode: Callable[..., Tensor]) -> Sequence[Tensor]:
+        with config.autocast():
+            out = decode(sae, top_acts, top_indices)  # [N, d]
+        return torch.autograd.grad(out, [top_acts, sae.W_dec], grad_out)
 
-    cases = {
-        "encoder_sparse": loss_gradients("sparse", None), "encoder_dense": loss_gradients("dense", None),
-        "auxk_sparse": loss_gradients("sparse", all_dead), "auxk_dense": loss_gradients("dense", all_dead),
-        "decoder_sparse": decoder_gradients(SparseAutoencoder.decode), "decoder_dense": decoder_gradients(dense_decode),
-    }
+    cases = {f"{name}_{backward}": partial(loss_gradients, backward, dead_mask)
+             for name, dead_mask in (("encoder", None), ("auxk", all_dead)) for backward in ("sparse", "dense")}
+    cases |= {"decoder_sparse": partial(decoder_gradients, SparseAutoencoder.decode),
+              "decoder_dense": partial(decoder_gradients, dense_decode)}
     medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, device=device)
     seconds = {f"{name}_s": value for name, value in medians.items()}
     difference = max(float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
@@ -325,9 +322,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     return report
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse the options, run, print the report as the last line and return it."""
-    return benchmark_main(BenchmarkConfig, run_benchmark, __doc__, args)
+main = benchmark_main(BenchmarkConfig, run_benchmark, __doc__)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from benchmarks.common import benchmark_main, machine_description, time_call
 from datamodules.activations import ActivationDataModule
@@ -165,13 +164,11 @@ def run_benchmark(config: StreamBenchmarkConfig) -> dict[str, Any]:
                 print(f"{level}-level stream, {workers} workers: {speed:.0f} MB/s delivered, {ratio:.3f} of the raw "
                       f"read, {speed / raw:.3f} of one timed just before ({raw:.0f} MB/s) (target >= 0.8), "
                       f"{seconds_per_batch * 1e3:.1f} ms per batch")
-    return {"benchmark": "stream", "config": asdict(config), "machine": machine_description(torch.device("cpu")),
+    return {"benchmark": "stream", "config": asdict(config), "machine": machine_description("cpu"),
             "baselines": baselines, "streams": streams}
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse the options, run, print the report as the last line and return it."""
-    return benchmark_main(StreamBenchmarkConfig, run_benchmark, __doc__, args)
+main = benchmark_main(StreamBenchmarkConfig, run_benchmark, __doc__)
 
 
 if __name__ == "__main__":
