@@ -81,7 +81,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats:
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
+def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device | str, dtype: torch.dtype,
                             warmup: int = 1, repeats: int = 3) -> float:
     """Measured FLOP/s of a dense `[m, k] × [k, n]` `torch.mm` (2·m·k·n FLOPs each) on `device` in `dtype`.
 

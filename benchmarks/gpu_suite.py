@@ -66,8 +66,7 @@ class SuiteConfig:
 
 
 def run_suite(config: SuiteConfig, command: str) -> dict[str, Any]:
-    """(a), (b) and (c); prints the markdown section (appended to `markdown` if set) and returns the JSON-ready
-    report."""
+    """(a), (b) and (c); prints the markdown section, appends it to `markdown` if set, returns the JSON-ready report."""
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
     matmul_settings = {  # the global settings that decide which matmul kernels run
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

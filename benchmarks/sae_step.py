@@ -138,7 +138,6 @@ def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[s
     """Batches as SAEModule's steps see them (float32, after `on_after_batch_transfer`), already on the device (no
     transfer is timed)."""
     generator = torch.Generator().manual_seed(config.seed)
-    device = torch.device(config.device)
     batches = []
     for _ in range(DISTINCT_BATCHES):
         if objective == "unsupervised":
@@ -151,7 +150,7 @@ def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[s
                 "style": torch.randint(NO_STYLE, len(VOCABULARY.styles), (samples,), generator=generator),
                 "step": torch.randint(NUM_STEPS_LABEL, (samples,), generator=generator),
             }
-        batches.append({key: value.to(device) for key, value in batch.items()})
+        batches.append({key: value.to(config.device) for key, value in batch.items()})
     return batches
 
 
@@ -161,23 +160,17 @@ def cycled(batches: list[dict[str, Tensor]], length: int) -> list[dict[str, Tens
 
 
 class StepTimer(pl.Callback):
-    """Wall time from the start of batch `first_timed` to the end of the last batch of the (single) epoch."""
+    """Wall time from the end of batch `warmup - 1` to the end of batch `last` of the (single) epoch: the timed
+    steps with everything Lightning does between them, as the plain loop's timing includes its batch fetches."""
 
-    def __init__(self, first_timed: int, last: int, synchronize: Callable[[], None]):
-        self.first_timed, self.last, self.synchronize = first_timed, last, synchronize
-        self.start = self.end = float("nan")
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if batch_idx == self.first_timed:
-            self.synchronize()
-            self.start = time.perf_counter()
+    def __init__(self, warmup: int, last: int, synchronize: Callable[[], None]):
+        self.ends, self.synchronize = {warmup - 1: float("nan"), last: float("nan")}, synchronize
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if batch_idx == self.last:
+        if batch_idx in self.ends:  # synchronised only here, so the device queue stays full between
             self.synchronize()
-            self.end = time.perf_counter()
+            self.ends[batch_idx] = time.perf_counter()
 
 
 def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
@@ -198,16 +191,15 @@ def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[d
         )
         loader = DataLoader(cycled(batches, config.total_steps), batch_size=None)
         trainer.fit(module, train_dataloaders=loader)
-    return RunResult(timer.end - timer.start, module.sae)
+    return RunResult(timer.ends[config.total_steps - 1] - timer.ends[config.warmup - 1], module.sae)
 
 
 def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
     """The same math without Lightning, in the order Lightning runs it: the objective's forward (under autocast for
     mixed precision, moving its dead-latent counters), backward, gradient projection, clipping, Adam, decoder
     renormalisation, LR schedule."""
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    sae = SparseAutoencoder(config.d, config.sae_config(objective)).to(device)
+    sae = SparseAutoencoder(config.d, config.sae_config(objective)).to(config.device)
     loss = config.objective_module(objective)
     loss.bind(sae, VOCABULARY)
     optimizer = torch.optim.Adam(sae.parameters(), lr=LEARNING_RATES[objective])
@@ -235,7 +227,7 @@ def run_plain(config: BenchmarkConfig, objective: Objective, batches: list[dict[
         if schedule is not None:
             schedule.step()
 
-    timing = time_call(step, warmup=config.warmup, repeats=config.steps, device=device)
+    timing = time_call(step, warmup=config.warmup, repeats=config.steps, device=config.device)
     return RunResult(timing.seconds, sae)
 
 
@@ -258,11 +250,10 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
     with every latent dead (AuxK at its widest, k_aux = d/2), and of the decode alone as an embedding bag versus
     `dense_decode`, timed in interleaved rounds; plus the largest relative difference between the two encoders'
     gradients."""
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    sae = SparseAutoencoder(config.d, config.sae_config("unsupervised")).to(device)
+    sae = SparseAutoencoder(config.d, config.sae_config("unsupervised")).to(config.device)
     x = random_batches(config, "unsupervised")[0]["act"]  # [N, d]
-    all_dead = torch.ones(sae.num_latents, dtype=torch.bool, device=device)
+    all_dead = torch.ones(sae.num_latents, dtype=torch.bool, device=config.device)
     with torch.no_grad():
         top_acts, top_indices = sae.encode(x)  # [N, K]
     top_acts.requires_grad_()
@@ -282,7 +273,7 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
              for name, dead_mask in (("encoder", None), ("auxk", all_dead)) for backward in ("sparse", "dense")}
     cases |= {"decoder_sparse": partial(decoder_gradients, SparseAutoencoder.decode),
               "decoder_dense": partial(decoder_gradients, dense_decode)}
-    medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, device=device)
+    medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, device=config.device)
     seconds = {f"{name}_s": value for name, value in medians.items()}
     difference = max(float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
                      for sparse, dense in zip(cases["auxk_sparse"](), cases["auxk_dense"]()))
@@ -292,11 +283,10 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Both paths for each objective, and the matmul yardstick; returns the JSON-ready report."""
-    device = torch.device(config.device)
     dtype = torch.bfloat16 if config.precision == "bf16-mixed" else torch.float32
-    peak = matmul_flops_per_second(config.tokens, config.d, config.latents, device, dtype)
-    report: dict[str, Any] = {"benchmark": "sae_step", "config": asdict(config), "machine": machine_description(device),
-                              "matmul_flops_per_s": peak, "objectives": {}}
+    peak = matmul_flops_per_second(config.tokens, config.d, config.latents, config.device, dtype)
+    report: dict[str, Any] = {"benchmark": "sae_step", "config": asdict(config), "objectives": {},
+                              "machine": machine_description(config.device), "matmul_flops_per_s": peak}
     print(f"dense matmul [{config.tokens}, {config.d}] x [{config.d}, {config.latents}] {dtype}: "
           f"{peak / 1e9:.1f} GFLOP/s")
     for objective in config.objectives:
