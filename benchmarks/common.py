@@ -39,11 +39,9 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int, device: torch.device | str = "cpu") -> Timing:
-    """Run `fn` `warmup` times untimed, then time `repeats` calls with `time.perf_counter`.
-
-    The device (where `fn` queues its work) is synchronised only before and after the timed block, not between
-    calls, so asynchronous devices keep their queue full as they would in a real loop.
-    """
+    """Run `fn` `warmup` times untimed, then time `repeats` calls with `time.perf_counter`; the device (where `fn`
+    queues its work) is synchronised only before and after the timed block, not between calls, so asynchronous
+    devices keep their queue full as they would in a real loop."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_call needs warmup >= 0 and repeats >= 1; got warmup={warmup}, repeats={repeats}.")
     synchronize = synchronizer(device)
@@ -59,11 +57,9 @@ def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int, device: torch
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn (`repeats` rounds after `warmup` untimed ones).
-
-    Alternating the candidates spreads a change of machine load over all of them, so their ratio stays fair on a
-    shared machine where consecutive blocks (`time_call` each) would not be; the median drops a disturbed round.
-    """
+    """Median seconds per call of each function, calling them in turn (`repeats` rounds after `warmup` untimed ones):
+    alternating the candidates spreads a change of machine load over all of them, so their ratio stays fair on a
+    shared machine where consecutive blocks (`time_call` each) would not be; the median drops a disturbed round."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_interleaved needs warmup >= 0 and repeats >= 1; got {warmup=}, {repeats=}.")
     synchronize = synchronizer(device)
@@ -83,10 +79,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats:
 
 def matmul_flops_per_second(m: int, k: int, n: int, device: torch.device | str, dtype: torch.dtype,
                             warmup: int = 1, repeats: int = 3) -> float:
-    """Measured FLOP/s of a dense `[m, k] × [k, n]` `torch.mm` (2·m·k·n FLOPs each) on `device` in `dtype`.
-
-    The output buffer is reused (`out=`) so the figure is the matmul itself, not the allocator.
-    """
+    """Measured FLOP/s of a dense `[m, k] × [k, n]` `torch.mm` (2·m·k·n FLOPs each) on `device` in `dtype`, its
+    output buffer reused (`out=`) so that the figure is the matmul itself, not the allocator."""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
     b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,10 +35,9 @@ from saemnesia.unlearning import ConceptEraser, ErasureTables
 
 TARGET = UNLEARNCANVAS_OBJECTS[1]  # "Bears"; any concept serves, the cost does not depend on which
 MEAN_CODE_SCALE = 0.05  # typical token-averaged TopK activation, so the thresholds let some latents through
-SD15_SIZED = TinyPipelineConfig(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=8, text_hidden_size=768,
-    text_layers=12, vae_block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=64,
-)
+SD15_SIZED = TinyPipelineConfig(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=8,
+                                text_hidden_size=768, text_layers=12, vae_block_out_channels=(128, 256, 512, 512),
+                                norm_num_groups=32, sample_size=64)
 """SD1.5's UNet exactly (its defaults are SD1.5's other settings); the 12-layer, 768-wide text encoder has 8 heads and
 a 1536-wide MLP (SD1.5: 12 and 3072) and the VAE one layer per block (SD1.5: 2). Neither matters to the timing: the text
 encoder runs once per generation and the generations stop at the latents."""
@@ -129,14 +129,11 @@ def unet_call_cost(config: EraserBenchmarkConfig) -> dict[str, Any]:
     eraser, hidden = build_eraser(config)
     sae, step = eraser.sae, config.steps // 2
     tokens = hidden.flatten(2).transpose(1, 2)  # [B, N, C]
-
-    def timed(fn: Any) -> float:
-        return time_call(fn, warmup=config.warmup, repeats=config.repeats, device=config.device).per_call
-
+    timed = partial(time_call, warmup=config.warmup, repeats=config.repeats, device=config.device)
     erased, dense = eraser.apply(hidden, step), dense_erase(sae, eraser.tables, hidden, step)
-    eraser_s = timed(lambda: eraser.apply(hidden, step))
-    dense_s = timed(lambda: dense_erase(sae, eraser.tables, hidden, step))
-    encoder_s = timed(lambda: sae.encode(tokens))
+    eraser_s = timed(lambda: eraser.apply(hidden, step)).per_call
+    dense_s = timed(lambda: dense_erase(sae, eraser.tables, hidden, step)).per_call
+    encoder_s = timed(lambda: sae.encode(tokens)).per_call
     # The encoder's matmul [B·N, d] × [d, L] is the eraser's floor; the machine's rate on it is the yardstick.
     encoder_flops = 2 * tokens.shape[0] * tokens.shape[1] * config.d * config.latents
     flops_per_s = matmul_flops_per_second(tokens.shape[0] * tokens.shape[1], config.d, config.latents,
@@ -176,12 +173,9 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
         items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
                  for index in range(config.generation_prompts)]
         erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
-
-        def timed(batch: list[PromptItem]) -> float:
-            return time_call(lambda: module.generate(batch), warmup=config.warmup, repeats=config.generation_repeats,
-                             device=config.device).per_call
-
-        unhooked_s, hooked_s = timed(items), timed(erasing)
+        unhooked_s, hooked_s = (time_call(lambda: module.generate(batch), warmup=config.warmup,
+                                          repeats=config.generation_repeats, device=config.device).per_call
+                                for batch in (items, erasing))
     return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}
 
 

@@ -144,12 +144,10 @@ def random_batches(config: BenchmarkConfig, objective: Objective) -> list[dict[s
             batch = {"act": torch.randn(config.tokens, config.d, generator=generator)}  # token level: [N, d]
         else:
             samples = config.tokens // config.tokens_per_sample
-            batch = {
-                "act": torch.randn(samples, config.tokens_per_sample, config.d, generator=generator),  # [B, N, d]
-                "object": torch.randint(len(VOCABULARY.objects), (samples,), generator=generator),
-                "style": torch.randint(NO_STYLE, len(VOCABULARY.styles), (samples,), generator=generator),
-                "step": torch.randint(NUM_STEPS_LABEL, (samples,), generator=generator),
-            }
+            batch = {"act": torch.randn(samples, config.tokens_per_sample, config.d, generator=generator),  # [B, N, d]
+                     "object": torch.randint(len(VOCABULARY.objects), (samples,), generator=generator),
+                     "style": torch.randint(NO_STYLE, len(VOCABULARY.styles), (samples,), generator=generator),
+                     "step": torch.randint(NUM_STEPS_LABEL, (samples,), generator=generator)}
         batches.append({key: value.to(config.device) for key, value in batch.items()})
     return batches
 
@@ -176,19 +174,17 @@ class StepTimer(pl.Callback):
 def run_lightning(config: BenchmarkConfig, objective: Objective, batches: list[dict[str, Tensor]]) -> RunResult:
     """The real `fit` path: `SAEModule` under a `Trainer`, fed by an in-memory DataLoader."""
     torch.manual_seed(config.seed)
-    module = SAEModule(
-        d_in=config.d, activations_hookpoint="benchmark", vocabulary=VOCABULARY,
-        objective=config.objective_module(objective), sae=config.sae_config(objective), lr=LEARNING_RATES[objective],
-        lr_schedule="linear_decay" if objective == "unsupervised" else "constant",
-    )
+    schedule = "linear_decay" if objective == "unsupervised" else "constant"
+    module = SAEModule(d_in=config.d, activations_hookpoint="benchmark", vocabulary=VOCABULARY, lr_schedule=schedule,
+                       objective=config.objective_module(objective), sae=config.sae_config(objective),
+                       lr=LEARNING_RATES[objective])
     timer = StepTimer(config.warmup, config.total_steps - 1, synchronizer(config.device))
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="gpu" if config.device == "cuda" else "cpu", devices=1, precision=config.precision,
-            max_steps=config.total_steps, gradient_clip_val=config.grad_clip or None, callbacks=[timer],
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, default_root_dir=root,
-        )
+        trainer = pl.Trainer(accelerator="gpu" if config.device == "cuda" else "cpu", devices=1, callbacks=[timer],
+                             precision=config.precision, max_steps=config.total_steps,
+                             gradient_clip_val=config.grad_clip or None, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             default_root_dir=root)
         loader = DataLoader(cycled(batches, config.total_steps), batch_size=None)
         trainer.fit(module, train_dataloaders=loader)
     return RunResult(timer.ends[config.total_steps - 1] - timer.ends[config.warmup - 1], module.sae)
