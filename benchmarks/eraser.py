@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import benchmark_main, machine_description, matmul_flops_per_second, time_call
+from saemnesia.class_params import Candidate
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS
 from saemnesia.erasure import ErasureConfig
 from saemnesia.generation import HookedDiffusion, PromptItem
@@ -163,8 +164,7 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
         generator = torch.Generator().manual_seed(config.seed)
         means = MEAN_CODE_SCALE * torch.rand(len(concepts), steps, sae.num_latents, generator=generator)  # [C, T, L]
         ConceptStats(concepts, means, torch.full((len(concepts),), 8)).save(root / "stats.safetensors")
-        erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"),
-                                percentile=100 * (1 - 1 / sae.num_latents), multiplier=config.multiplier)
+        erasure = ErasureConfig(sae=str(root / "sae"), stats=str(root / "stats.safetensors"))
         module = HookedDiffusion(str(root / "pipeline"), erasure=erasure, num_steps=steps,
                                  height=config.generation_resolution, width=config.generation_resolution,
                                  output_type="latent", dtype=config.dtype)
@@ -172,7 +172,8 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
         module.setup("predict")
         items = [PromptItem(f"p{index}", f"An image of {concepts[index % 4]}.", concepts[index % 4], None, 0)
                  for index in range(config.generation_prompts)]
-        erasing = [item._replace(erase=(concepts[0],), target=concepts[0]) for item in items]
+        candidate = Candidate(100 * (1 - 1 / sae.num_latents), config.multiplier)  # the top-1 latent
+        erasing = [item._replace(erase=(concepts[0],), target=concepts[0], candidate=candidate) for item in items]
         unhooked_s, hooked_s = (time_call(lambda: module.generate(batch), warmup=config.warmup,
                                           repeats=config.generation_repeats, device=config.device).per_call
                                 for batch in (items, erasing))

@@ -1,9 +1,11 @@
 """`ImageWriter`: the JPEG images of an unlearning `predict` run and their manifest (docs/method.md §6).
 
 Layout under the root folder `R`: `R/{target}/{Style}_{Object}_seed{seed}.jpg` and, for plain prompts,
-`R/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept, `first_03`, or `none`).
+`R/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept, `first_03`, or `none`); a
+parameter search puts each candidate's images under `R/{candidate}/` (e.g. `R/p99.999_m-5/Circle/...`).
 `R/manifest.jsonl` lists every image, one JSON object per line: `file` (relative to R), `target`, `erased` (the
-concept names), `prompt_id`, `prompt`, `object`, `style` (null when plain) and `seed`.
+concept names), `candidate` (`{percentile, multiplier}`, null outside a search), `prompt_id`, `prompt`, `object`,
+`style` (null when plain) and `seed`.
 
 Each rank appends one batch's lines to `manifest-r{rank}.jsonl` in a single write and only then writes the batch's
 images, each to a temporary name renamed into place; when predicting ends, rank 0 merges the rank manifests into
@@ -44,12 +46,14 @@ SETTING_NAMES = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height
 def image_file(item: PromptItem) -> str:
     """The item's image path relative to the root folder, e.g. `Bears/Cubism_Bears_seed188.jpg`."""
     style = "" if item.style is None else f"{item.style}_"
-    return f"{item.target}/{style}{item.object}_seed{item.seed}.jpg"
+    candidate = "" if item.candidate is None else f"{item.candidate.name}/"
+    return f"{candidate}{item.target}/{style}{item.object}_seed{item.seed}.jpg"
 
 
 def manifest_record(item: PromptItem) -> dict[str, Any]:
     """The item's `manifest.jsonl` line as a dict."""
-    return {"file": image_file(item), "target": item.target, "erased": list(item.erase), "prompt_id": item.prompt_id,
+    return {"file": image_file(item), "target": item.target, "erased": list(item.erase),
+            "candidate": None if item.candidate is None else item.candidate._asdict(), "prompt_id": item.prompt_id,
             "prompt": item.prompt, "object": item.object, "style": item.style, "seed": item.seed}
 
 
@@ -104,7 +108,7 @@ class ImageWriter(ResumableWriter):
     def _check_settings(self, settings: dict[str, Any]) -> None:
         """Refuse to mix runs: the folder's earlier images must come from the same generation settings."""
         path = self.folder / SETTINGS
-        if not path.is_file() or next(self.folder.glob("*/*.jpg"), None) is None:
+        if not path.is_file() or next(self.folder.rglob("*.jpg"), None) is None:
             return  # no earlier images (a run that failed before its first batch binds nothing)
         earlier = json.loads(path.read_text(encoding="utf-8"))
         differing = [name for name in settings if earlier.get(name) != settings[name]]

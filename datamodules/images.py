@@ -1,11 +1,11 @@
 """`ImageFolderDataModule`: the images of an unlearning run and their `manifest.jsonl`, for the `test` run.
 
-Layout (written by the unlearning `predict` run): `root/{target}/{Style}_{Object}_seed{seed}.jpg` and plain
-`root/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept name, `none` for no
-erasure, `first_{n:02d}` for the first n concepts of a sequence), and `root/manifest.jsonl` with one JSON object
-per image: `file` (relative to root), `target`, `erased` (concept names), `prompt_id`, `prompt`, `object`, `style`
-(null for plain), `seed`. `root/generation.json` (written by `ImageWriter`) records the generation settings; its
-`erasure.percentile` and `erasure.multiplier`, when both are set, are the candidate of a multiplier-search run.
+Layout (written by the unlearning `predict` run, `callbacks.image_writer`): `root/{target}/{Style}_{Object}_seed
+{seed}.jpg` and plain `root/{target}/{Object}_seed{seed}.jpg`, where `{target}` labels the erased set (a concept name,
+`none` for no erasure, `first_{n:02d}` for the first n concepts of a sequence), under `root/{candidate}/` in a
+parameter search, and `root/manifest.jsonl` with one JSON object per image: `file` (relative to root), `target`,
+`erased` (concept names), `candidate` (`{percentile, multiplier}` or null), `prompt_id`, `prompt`, `object`, `style`
+(null for plain), `seed`. `root/generation.json` records the generation settings.
 
 Under DDP every process reads a strided share of the images without padding, so no image is counted twice.
 """
@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from saemnesia.class_params import Candidate
 from saemnesia.concepts import NO_ERASURE
 
 MANIFEST = "manifest.jsonl"
@@ -48,6 +49,8 @@ class ImageRecord(NamedTuple):
     style: str | None
     """`None` for a plain prompt."""
     seed: int
+    candidate: Candidate | None = None
+    """The search candidate the image was erased with; `None` outside a search."""
 
 
 def read_manifest(root: Path) -> list[ImageRecord]:
@@ -64,7 +67,10 @@ def read_manifest(root: Path) -> list[ImageRecord]:
             entry = json.loads(line)
             if not isinstance(entry["erased"], list):
                 raise TypeError("'erased' must be a list of concept names")
-            record = ImageRecord(**{key: entry[key] for key in RECORD_KEYS})._replace(erased=tuple(entry["erased"]))
+            candidate = entry.get("candidate")  # absent in manifests written before searches ran as one run
+            record = ImageRecord(**{key: entry[key] for key in RECORD_KEYS})._replace(
+                erased=tuple(entry["erased"]),
+                candidate=None if candidate is None else Candidate.from_params(candidate, f"{path} line {number}"))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{path} line {number} is not a JSON object with keys {list(RECORD_KEYS)} "
                              f"({error!r}).") from error
@@ -146,10 +152,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.erased_by_target = {target: list(erased[target]) for target in
                                  sorted(erased, key=lambda t: (t != NO_ERASURE, len(erased[t]), t))}
         self.settings = read_settings(self.root / SETTINGS)
-        erasure = (self.settings or {}).get("erasure") or {}
-        # A search run applies one percentile and multiplier to every target: the candidate its scores rate.
-        candidate = {key: erasure.get(key) for key in ("percentile", "multiplier")}
-        self.params = candidate if None not in candidate.values() else None
 
     def test_dataloader(self) -> DataLoader:
         world_size = 1 if self.trainer is None else self.trainer.world_size

@@ -7,7 +7,9 @@ The multiplier search's validation set pairs anchor prompt i with style i instea
 
 Unlearning runs repeat the prompts once per erasure target (`targets`, `sequential`): each copy carries the concepts
 to erase and the target's label, and keeps the prompt id, so a prompt starts from the same noise under every target.
-Items are ordered target by target, so that most batches erase one set.
+A parameter search (docs/method.md §5) repeats them once more per candidate `{percentile, multiplier}` (`candidates`),
+so that one run generates every candidate's images. Items are ordered candidate by candidate and target by target,
+so that most batches share one eraser.
 
 Under DDP Lightning's predict sampler deals items round-robin without padding (`UnrepeatedDistributedSampler`),
 so no item is generated twice. `exclude` drops items that an earlier, interrupted run already stored.
@@ -25,6 +27,7 @@ from typing import Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from saemnesia.class_params import Candidate
 from saemnesia.classifiers import UNLEARNCANVAS_STYLE_LABELS
 from saemnesia.concepts import NO_ERASURE, UNLEARNCANVAS, ConceptVocabulary, styled_prompt
 from saemnesia.generation import PromptItem
@@ -68,7 +71,8 @@ class PromptDataModule(pl.LightningDataModule):
                  seeds: tuple[int, ...] = (188,), shuffle: bool = False, shuffle_seed: int = 0,
                  limit: int | None = None, pairing: Literal["all", "anchor_i_style_i"] = "all",
                  targets: list[str] | None = None, sequential: list[str] | None = None,
-                 sequential_steps: list[int] | None = None, batch_size: int = 4, num_workers: int = 0):
+                 sequential_steps: list[int] | None = None, candidates: list[dict[str, float]] | None = None,
+                 batch_size: int = 4, num_workers: int = 0):
         """
         Args:
             vocabulary: Concept names: explicit `{objects, styles}`, or a name of `VOCABULARIES` (`toy`,
@@ -93,6 +97,8 @@ class PromptDataModule(pl.LightningDataModule):
                 `None` (and no `sequential`): one copy without erasure, as caching and statistics want.
             sequential: Order of sequential unlearning; target `first_{n:02d}` erases its first n concepts at once.
             sequential_steps: The n values of `sequential`, e.g. `[1, 2, 4, 8]`.
+            candidates: The `{percentile, multiplier}` candidates of a parameter search, each repeating every erasing
+                item with that candidate's parameters for all its concepts; `None`: erase with `class_params`.
             batch_size: Prompt items per batch and process.
             num_workers: DataLoader worker processes.
 
@@ -118,6 +124,7 @@ class PromptDataModule(pl.LightningDataModule):
         if pairing not in ("all", "anchor_i_style_i"):
             raise ValueError(f"data.pairing must be 'all' or 'anchor_i_style_i', got {pairing!r}.")
         erasures = erasure_targets(vocabulary, targets, sequential, sequential_steps)
+        searched = search_candidates(candidates, erasures)
         self.vocabulary = ConceptVocabulary(
             objects=tuple(name for name in vocabulary.objects if objects is None or name in objects),
             styles=tuple(name for name in vocabulary.styles if styles is None or name in styles))
@@ -126,8 +133,8 @@ class PromptDataModule(pl.LightningDataModule):
         prompts = self._items(subjects, include_plain, seeds, pairing)
         if shuffle:
             random.Random(shuffle_seed).shuffle(prompts)
-        self.items = [item._replace(erase=erase, target=target) for target, erase in erasures.items()
-                      for item in prompts][:limit]
+        self.items = [item._replace(erase=erase, target=target, candidate=candidate) for candidate in searched
+                      for target, erase in erasures.items() for item in prompts][:limit]
         if not self.items:
             raise ValueError("The prompt selection is empty; select at least one object and a style or plain prompts.")
         self.excluded: frozenset[str] = frozenset()
@@ -208,3 +215,23 @@ def erasure_targets(vocabulary: ConceptVocabulary, targets: list[str] | None, se
     erasures = {name: () if name == NO_ERASURE else (name,) for name in targets or []}
     erasures |= {f"first_{n:02d}": tuple(sequential[:n]) for n in sequential_steps or []}
     return erasures or {NO_ERASURE: ()}
+
+
+def search_candidates(candidates: list[dict[str, float]] | None,
+                      erasures: dict[str, tuple[str, ...]]) -> list[Candidate | None]:
+    """The checked candidates of a search, in the given order; `[None]` (erase with class_params) without one."""
+    if candidates is None:
+        return [None]
+    if not candidates:
+        raise ValueError("data.candidates is empty; list at least one {percentile, multiplier} to search, or leave "
+                         "it null to erase with class_params.")
+    if not all(erasures.values()):
+        raise ValueError(f"data.candidates rate erasing parameters, but target {NO_ERASURE!r} (listed, or no targets "
+                         "given) erases nothing; list the erasing targets only.")
+    searched = [Candidate.from_params(params, f"data.candidates[{index}]") for index, params in enumerate(candidates)]
+    names = [candidate.name for candidate in searched]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"data.candidates repeats {repeated} (folder names, 6 significant digits); list each "
+                         "candidate once.")
+    return searched

@@ -15,7 +15,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ SAEMNESIA_MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 SAEURON_PERCENTILES = (99.99, 99.995, 99.999)
 """SAeUron's percentiles (top-3, top-2, top-1 latents at L = 20480), searched together with the multipliers."""
 
-SEARCH_METHODS = ("saemnesia", "saeuron")
-"""Methods whose candidate grids `search_grid` knows."""
-
 # A `.pth` written where the metric values were numpy scalars pickles them as `scalar(dtype, bytes)`; numpy 1 and 2
 # name that function differently, so both names are allowed for the weights-only unpickler.
 _numpy_scalar = np.float64(0).__reduce__()[0]
@@ -49,6 +46,23 @@ _NUMPY_SCALAR_GLOBALS = [
     np.dtype,
     *{type(np.dtype(code)) for code in "efdbhilqBHILQ?"},
 ]
+
+
+class Candidate(NamedTuple):
+    """One `{percentile, multiplier}` of a parameter search, applied to every concept an image erases."""
+
+    percentile: float
+    multiplier: float
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], source: str) -> Candidate:
+        """A candidate from a `{percentile, multiplier}` mapping, checked as a class_params entry (`source` names it)."""
+        return cls(**validate_class_params({"candidate": params}, source)["candidate"])
+
+    @property
+    def name(self) -> str:
+        """Folder name of its images, e.g. `p99.999_m-5`."""
+        return f"p{self.percentile:g}_m{self.multiplier:g}"
 
 
 def top_latents_percentile(num_latents: int, count: int) -> float:
@@ -61,14 +75,6 @@ def top_latents_percentile(num_latents: int, count: int) -> float:
     if not 0 < count < num_latents:
         raise ValueError(f"count must lie in 1..{num_latents - 1} (num_latents - 1), got {count}.")
     return 100 * (num_latents - count - 0.5) / (num_latents - 1)
-
-
-def search_grid(method: str = "saemnesia") -> list[ConceptParams]:
-    """Candidate parameters of a per-concept search: 7 for SAEmnesia, 3 percentiles × 7 multipliers for SAeUron."""
-    if method not in SEARCH_METHODS:
-        raise ValueError(f"Unknown search method {method!r}; expected one of {list(SEARCH_METHODS)}.")
-    percentiles = (SAEMNESIA_PERCENTILE,) if method == "saemnesia" else SAEURON_PERCENTILES
-    return [{"percentile": p, "multiplier": m} for p in percentiles for m in SAEMNESIA_MULTIPLIERS]
 
 
 def validate_class_params(params: Mapping[str, Any], source: str = "class_params") -> dict[str, ConceptParams]:

@@ -40,11 +40,11 @@ TOP_LATENTS_PERCENTILES = {count: top_latents_percentile(TOY_NUM_LATENTS, count)
 SAEURON_TOY_GRID: tuple[ConceptParams, ...] = tuple(
     {"percentile": percentile, "multiplier": m} for percentile in TOP_LATENTS_PERCENTILES.values()
     for m in SAEMNESIA_MULTIPLIERS)
-"""SAeUron's search grid on the toy SAEs: 3 latent counts × 7 multipliers, 21 runs."""
+"""SAeUron's search grid on the toy SAEs: 3 latent counts × 7 multipliers, 21 candidates."""
 SAEURON_DEMO_GRID: tuple[ConceptParams, ...] = tuple(
     {"percentile": TOP_LATENTS_PERCENTILES[count], "multiplier": m} for count in (3, 1) for m in (-5.0, -15.0, -30.0))
 """The subset `make demo` searches to stay short: top-3 and top-1 latents with 3 multipliers spanning the range,
-6 runs. `main(DemoSetting(baseline_grid=SAEURON_TOY_GRID))` searches all 21."""
+6 candidates. `main(DemoSetting(baseline_grid=SAEURON_TOY_GRID))` searches all 21."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Eraser:
     suffix: str
     """Suffix of this eraser's run folders under `runs/toy/`; empty for the toy configs' own folders."""
     grid: tuple[ConceptParams, ...]
-    """Candidate `{percentile, multiplier}` of the search, one generation run each."""
+    """Candidate `{percentile, multiplier}` of the search, all generated in one run."""
     draws_unerased: bool
     """Also generate the unerased images (target `none`); once is enough, with one eraser."""
     error_mode: str = "exact"
@@ -173,21 +173,21 @@ def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
     stats = cli_step(f"{eraser.name}: concept statistics", "predict", "configs/toy/stats.yaml", eraser.stats,
                      f"--trainer.callbacks.sae={eraser.sae}", f"--trainer.callbacks.output={eraser.stats}",
                      f"--trainer.default_root_dir={eraser.stats.parent}", *setting.data(styles=False))
-    targets = f"--data.init_args.targets=[{', '.join(setting.erased)}]"
-    search = []
-    for params in eraser.grid:
-        run = eraser.folder("sweep") / f"p{params['percentile']:g}_m{params['multiplier']:g}"
-        name = f"{eraser.name}: search p={params['percentile']:g} m={params['multiplier']:g}"
-        search.append(cli_step(f"{name}, generate", "predict", "configs/toy/sweep.yaml", run / "manifest.jsonl",
-                               *erasure_overrides(eraser, **params), *setting.data(styles=False), targets,
-                               f"--trainer.callbacks.output_dir={run}", f"--trainer.default_root_dir={run}"))
-        # Each evaluation reselects every concept's best parameters from the runs evaluated so far.
-        search.append(evaluation(f"{name}, evaluate", run, run, "--trainer.logger=false",
-                                 "--trainer.callbacks+=callbacks.ClassParamsSelector",
-                                 f"--trainer.callbacks.sweep_dir={eraser.folder('sweep')}",
-                                 f"--trainer.callbacks.outputs=[{eraser.class_params}]",
-                                 f"--trainer.callbacks.ties={setting.search_ties}"))
-    return [stats, *search, *unlearning_steps(eraser, setting)]
+    sweep = eraser.folder("sweep")
+    candidates = ", ".join(f"{{percentile: {c['percentile']}, multiplier: {c['multiplier']}}}" for c in eraser.grid)
+    search = cli_step(f"{eraser.name}: search of {len(eraser.grid)} candidates, generate", "predict",
+                      "configs/toy/sweep.yaml", sweep / "images/manifest.jsonl",
+                      *erasure_overrides(eraser), *setting.data(styles=False),
+                      f"--data.init_args.targets=[{', '.join(setting.erased)}]",
+                      f"--data.init_args.candidates=[{candidates}]",
+                      f"--trainer.callbacks.output_dir={sweep / 'images'}", f"--trainer.default_root_dir={sweep}")
+    # Done once the selection is written: it comes after the evaluation's results.json.
+    select = cli_step(f"{eraser.name}: search, evaluate and select", "test", "configs/toy/sweep_evaluate.yaml",
+                      eraser.class_params, f"--data.init_args.root={sweep / 'images'}",
+                      f"--model.init_args.output_dir={sweep}", f"--trainer.default_root_dir={sweep}",
+                      f"--trainer.callbacks.outputs=[{eraser.class_params}]",
+                      f"--trainer.callbacks.ties={setting.search_ties}")
+    return [stats, search, select, *unlearning_steps(eraser, setting)]
 
 
 def unlearning_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:

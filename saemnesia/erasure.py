@@ -3,8 +3,8 @@
 `ErasureConfig` is `HookedDiffusion`'s `erasure` argument (`model.init_args.erasure` in YAML). `ErasureBuilder` loads
 the SAE and the statistics once per process and hands out one cached `ConceptEraser` per erased set: a single target
 (`("Bears",)`) or the first n concepts of a sequential order. The per-concept parameters come from a `class_params`
-file (docs/method.md §5, §7), or from `percentile` / `multiplier` overrides applied to every target (the multiplier
-search).
+file (docs/method.md §5, §7), or, in a parameter search, from the prompt item's candidate, applied to every concept it
+erases.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from saemnesia.class_params import PARAM_KEYS, ConceptParams, load_class_params
+from saemnesia.class_params import Candidate, ConceptParams, load_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser
@@ -36,9 +36,8 @@ class ErasureConfig:
     (`cls_latents_dict_unet.up_blocks.1.attentions.1.pkl`) when the name ends in `.pkl`. Their number of steps T
     must be `model.num_steps`."""
     class_params: str | None = None
-    """`{concept: {percentile, multiplier}}` file, `.pth` (published) or `.json`; not read (and may be `None`) when
-    `percentile` and `multiplier` below are both given, so one search run is `--…erasure.multiplier -5` on top of
-    any config."""
+    """`{concept: {percentile, multiplier}}` file, `.pth` (published) or `.json`; `None` in a parameter search, whose
+    prompt items carry their candidate (`data.candidates`)."""
     error_mode: Literal["reference", "exact", "none"] = "exact"
     """How the SAE error enters the output (docs/method.md §4): `exact` keeps it (`x + r' − r`); `reference` reproduces
     the published code and numbers (`r' + r − x`); `none` returns `r'`."""
@@ -46,19 +45,6 @@ class ErasureConfig:
     """Erase only at sampling steps `t ≥ start_step`. Published: 0."""
     use_beta: bool = False
     """Scale selected latents by `m · ‖z‖₂ / ‖W_dec[j]‖₂` instead of `m · μ_c[t, j]`. Published: False."""
-    percentile: float | None = None
-    """Override every target's percentile (SAEmnesia fixes 99.999: one latent at L = 20480); `None` reads it from
-    `class_params`."""
-    multiplier: float | None = None
-    """Override every target's multiplier (one run of the multiplier search, e.g. -5); `None` reads it from
-    `class_params`."""
-
-    def __post_init__(self) -> None:
-        if self.class_params is None and None in (self.percentile, self.multiplier):
-            raise ValueError("model.erasure needs a class_params file, or both percentile and multiplier to apply "
-                             "to every target.")
-        if self.percentile is not None and not 0 <= self.percentile <= 100:
-            raise ValueError(f"model.erasure.percentile must lie in [0, 100]; got {self.percentile}.")
 
 
 def load_stats(path: str | Path) -> ConceptStats:
@@ -83,10 +69,8 @@ class ErasureBuilder:
             raise ValueError(f"The concept statistics {config.stats} were computed with {self.stats.num_steps} "
                              f"sampling steps but sampling uses {num_steps} (model.num_steps); recompute them with "
                              "the same number of steps.")
-        # Overrides of both fields leave nothing to read from the file.
-        needed = config.class_params is not None and None in (config.percentile, config.multiplier)
-        self.class_params = load_class_params(config.class_params) if needed else {}
-        self._erasers: dict[tuple[str, ...], ConceptEraser] = {}
+        self.class_params = load_class_params(config.class_params) if config.class_params is not None else None
+        self._erasers: dict[tuple[tuple[str, ...], Candidate | None], ConceptEraser] = {}
 
     def to(self, device: torch.device | str) -> ErasureBuilder:
         """Move the SAE; erasers are built anew on it (their tables live on the SAE's device)."""
@@ -94,24 +78,27 @@ class ErasureBuilder:
         self._erasers.clear()
         return self
 
-    def params_for(self, concepts: tuple[str, ...]) -> dict[str, ConceptParams]:
-        """Each concept's percentile and multiplier: the override where given, else its `class_params` entry."""
-        overrides = {"percentile": self.config.percentile, "multiplier": self.config.multiplier}
-        params = {}
-        for concept in concepts:
-            entry = {key: overrides[key] if overrides[key] is not None else self.class_params.get(concept, {}).get(key)
-                     for key in PARAM_KEYS}
-            if None in entry.values():
+    def params_for(self, concepts: tuple[str, ...], candidate: Candidate | None = None) -> dict[str, ConceptParams]:
+        """Each concept's percentile and multiplier: the candidate's where given, else its `class_params` entry."""
+        if candidate is not None:  # the eraser checks the concepts against the statistics
+            return {concept: candidate._asdict() for concept in concepts}
+        if self.class_params is None:
+            raise ValueError(f"Prompt items erase {list(concepts)} without a search candidate and "
+                             "model.erasure.class_params is not set; give the class_params file of the search.")
+        missing = [concept for concept in concepts if concept not in self.class_params]
+        if missing:
+            for concept in missing:
                 self.stats.index(concept)  # a concept the statistics lack is reported as such, listing theirs
-                raise ValueError(f"The class_params file {self.config.class_params} has no entry for the target "
-                                 f"concept {concept!r}; add it or set model.erasure.percentile and multiplier.")
-            params[concept] = entry
-        return params
+            raise ValueError(f"The class_params file {self.config.class_params} has no entry for the target "
+                             f"concepts {missing}; add them or search their parameters first.")
+        return {concept: self.class_params[concept] for concept in concepts}
 
-    def eraser_for(self, concepts: tuple[str, ...]) -> ConceptEraser:
-        """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last)."""
-        if concepts not in self._erasers:
-            self._erasers[concepts] = ConceptEraser(self.sae, self.stats, self.params_for(concepts),
-                                                    error_mode=self.config.error_mode,
-                                                    start_step=self.config.start_step, use_beta=self.config.use_beta)
-        return self._erasers[concepts]
+    def eraser_for(self, concepts: tuple[str, ...], candidate: Candidate | None = None) -> ConceptEraser:
+        """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last), with
+        the candidate's parameters or each concept's `class_params`."""
+        key = (concepts, candidate)
+        if key not in self._erasers:
+            self._erasers[key] = ConceptEraser(self.sae, self.stats, self.params_for(concepts, candidate),
+                                               error_mode=self.config.error_mode, start_step=self.config.start_step,
+                                               use_beta=self.config.use_beta)
+        return self._erasers[key]

@@ -4,7 +4,8 @@ Each batch of an `ImageFolderDataModule` goes through the object and the style c
 move counters (`UnlearningCounts`, summed over DDP ranks), so 1 and N processes report the same numbers. At the
 end, global rank 0 writes `results.json` (fractions) and `results.md` (percentages) to `output_dir` and logs the
 scores, confusion matrices and sample grids (the unerased image next to the erased one, same prompt) to
-TensorBoard.
+TensorBoard. The images of a parameter search are scored per candidate: `results.json` then holds one report per
+candidate under `candidates`, each with its `params`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.images import ImageRecord, load_image
+from saemnesia.class_params import Candidate
 from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.io import atomic_write_text
-from saemnesia.metrics import AccuracyTable, UnlearningCounts, summarize
+from saemnesia.metrics import AccuracyCounts, AccuracyTable, UnlearningCounts, summarize
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -59,7 +61,12 @@ class UnlearningEvaluator(pl.LightningModule):
         self.object_classifier = load_classifier(self.classifier_configs["object"], "model.object_classifier")
         self.style_classifier = load_classifier(self.classifier_configs["style"], "model.style_classifier")
         self.targets = list(data.erased_by_target)
-        self.target_index = {name: i for i, name in enumerate(self.targets)}
+        # Counted per (candidate, target) group: a search's candidates share the target labels. Candidates in
+        # order of strength: fewer latents first, then the milder multiplier.
+        self.candidates = sorted({record.candidate for record in data.records},
+                                 key=lambda c: (0.0, 0.0) if c is None else (-c.percentile, abs(c.multiplier)))
+        self.groups = {(candidate, target): i for i, (candidate, target) in enumerate(
+            (candidate, target) for candidate in self.candidates for target in self.targets)}
         self.object_index = {name: i for i, name in enumerate(self.object_classifier.labels)}
         self.style_index = {name: i for i, name in enumerate(self.style_classifier.labels)}
         # Checked before classifying thousands of images, not when the report is due.
@@ -72,7 +79,7 @@ class UnlearningEvaluator(pl.LightningModule):
             unknown = sorted(names - set(labels))
             if unknown:
                 raise ValueError(f"The images' {option} {unknown} are not labels of {where}.")
-        self.counts = UnlearningCounts(len(self.targets), len(self.object_index), len(self.style_index))
+        self.counts = UnlearningCounts(len(self.groups), len(self.object_index), len(self.style_index))
 
     def test_step(self, batch: tuple[Tensor, list[ImageRecord]], batch_idx: int) -> None:
         images, records = batch
@@ -80,47 +87,74 @@ class UnlearningEvaluator(pl.LightningModule):
         pred_style = self.style_classifier(images).argmax(dim=1)  # [B]
         plain = len(self.style_index)
         self.counts.update(
-            torch.tensor([self.target_index[record.target] for record in records], device=self.device),
+            torch.tensor([self.groups[record.candidate, record.target] for record in records], device=self.device),
             torch.tensor([self.object_index[record.object] for record in records], device=self.device),
             torch.tensor([plain if record.style is None else self.style_index[record.style] for record in records],
                          device=self.device),
             pred_object, pred_style)
 
     def on_test_epoch_end(self) -> None:
-        table = AccuracyTable(self.targets, self.object_classifier.labels, self.style_classifier.labels,
-                              self.counts.compute())  # summed over ranks: identical on every rank
-        results = self.results(table)
-        means, per_target = scalars(results)
+        counts = self.counts.compute()  # summed over ranks: identical on every rank
+        tables = {candidate: self.table(candidate, counts) for candidate in self.candidates}
+        results = self.results(tables)
+        sections = results["candidates"] if "candidates" in results else [results]
+        means, per_target = {}, {}
+        for candidate, section in zip(self.candidates, sections):
+            prefix = "test" if candidate is None else f"test/{candidate.name}"
+            means_of_section, per_target_of_section = scalars(section, prefix)
+            means |= means_of_section
+            per_target |= per_target_of_section
         for name, value in means.items():
             self.log(name, value, sync_dist=True)  # the same value on every rank: the reduction changes nothing
         if self.trainer.is_global_zero:
             write_report(self.output_dir, results)
             if self.logger is not None:  # per-target scores go to the logger only, not to the console summary
                 self.logger.log_metrics(per_target, step=0)
-            self.log_images(table)
+            for candidate, table in tables.items():
+                self.log_images(table, "" if candidate is None else f"{candidate.name}/")
 
-    def results(self, table: AccuracyTable) -> dict[str, Any]:
-        images = table.counts.images.sum(dim=(1, 2))  # [T]
-        return {
-            "images": int(images.sum()),
+    def table(self, candidate: Candidate | None, counts: AccuracyCounts) -> AccuracyTable:
+        """The counts of one candidate's images (all images outside a search), over the targets it has images of."""
+        groups, objects, styles = len(self.groups), len(self.object_index), len(self.style_index)
+        # torchmetrics squeezes one-element results of `compute`: the group axis first, as the states are.
+        shapes = ((groups, objects, styles + 1),) * 3 + ((groups, objects, objects), (groups, styles, styles))
+        counts = AccuracyCounts(*(count.reshape(shape) for count, shape in zip(counts, shapes)))
+        targets = [target for target in self.targets if counts.images[self.groups[candidate, target]].sum() > 0]
+        rows = [self.groups[candidate, target] for target in targets]
+        return AccuracyTable(targets, self.object_classifier.labels, self.style_classifier.labels,
+                             AccuracyCounts(*(count[rows] for count in counts)))
+
+    def results(self, tables: dict[Candidate | None, AccuracyTable]) -> dict[str, Any]:
+        """The report; a search's holds one section per candidate (`candidates`), each with its `params`."""
+        images = {target: 0 for target in self.targets}
+        for table in tables.values():
+            for target, count in zip(table.targets, table.counts.images.sum(dim=(1, 2)).tolist()):  # [T]
+                images[target] += count
+        results = {
+            "images": sum(images.values()),
             "root": str(self.data.root),
-            "params": self.data.params,
             "generation": self.data.settings,
             "classifiers": {kind: config.checkpoint for kind, config in self.classifier_configs.items()},
-            "targets": {target: {"erased": self.data.erased_by_target[target], "images": int(images[t])}
-                        for t, target in enumerate(self.targets)},
-            **summarize(table, self.data.erased_by_target),
+            "targets": {target: {"erased": self.data.erased_by_target[target], "images": count}
+                        for target, count in images.items()},
         }
+        sections = {candidate: summarize(table, {target: self.data.erased_by_target[target]
+                                                  for target in table.targets}) for candidate, table in tables.items()}
+        if None in sections:
+            return results | sections[None]
+        return results | {"candidates": [{"params": candidate._asdict(), **section}
+                                         for candidate, section in sections.items()]}
 
-    def log_images(self, table: AccuracyTable) -> None:
+    def log_images(self, table: AccuracyTable, prefix: str) -> None:
+        """Confusion matrices and sample grids of one table's targets, tagged `{kind}/{prefix}{target}`."""
         writer = getattr(self.logger, "experiment", None)
         if not hasattr(writer, "add_image"):  # only TensorBoard takes images
             return
-        for t, target in enumerate(self.targets):
+        for t, target in enumerate(table.targets):
             if self.hparams.log_confusion:
-                writer.add_image(f"confusion/object/{target}", render_matrix(table.counts.object_confusion[t]))
-                writer.add_image(f"confusion/style/{target}", render_matrix(table.counts.style_confusion[t]))
-            if target != NO_ERASURE and self.hparams.sample_prompts > 0:
+                writer.add_image(f"confusion/object/{prefix}{target}", render_matrix(table.counts.object_confusion[t]))
+                writer.add_image(f"confusion/style/{prefix}{target}", render_matrix(table.counts.style_confusion[t]))
+            if not prefix and target != NO_ERASURE and self.hparams.sample_prompts > 0:
                 grid = self.sample_grid(target)
                 if grid is not None:
                     writer.add_image(f"samples/{target}", grid)
@@ -147,18 +181,20 @@ def render_matrix(confusion: Tensor, cell: int = 8) -> Tensor:
     return pixels.expand(3, -1, -1)
 
 
-def scalars(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """The scores to log: the means of each kind and the reference accuracies; the per-target scores."""
+def scalars(results: dict[str, Any], prefix: str = "test") -> tuple[dict[str, float], dict[str, float]]:
+    """The scores of one report section to log: the means of each kind and the reference accuracies; the per-target
+    scores."""
     means, per_target = {}, {}
     for kind in ("objects", "styles"):
         if results[kind] is not None:
-            means |= {f"test/{kind}/{key}": results[kind][key] for key in ("UA", "IRA", "CRA")}
-            per_target |= {f"test/{kind}/{key}/{target}": scores[key]
+            means |= {f"{prefix}/{kind}/{key}": results[kind][key] for key in ("UA", "IRA", "CRA")}
+            per_target |= {f"{prefix}/{kind}/{key}/{target}": scores[key]
                            for target, scores in results[kind]["per_target"].items() for key in ("UA", "IRA", "CRA")}
     for row in results["sequential"]:
-        per_target |= {f"test/sequential/{key}/{row['target']}": row[key] for key in ("UA", "IRA", "CRA")}
+        per_target |= {f"{prefix}/sequential/{key}/{row['target']}": row[key] for key in ("UA", "IRA", "CRA")}
     if results["reference"] is not None:
-        means |= {f"test/reference/{key}": results["reference"][key] for key in ("object_accuracy", "style_accuracy")}
+        means |= {f"{prefix}/reference/{key}": results["reference"][key]
+                  for key in ("object_accuracy", "style_accuracy")}
     return tuple({name: value for name, value in values.items() if not math.isnan(value)}
                  for values in (means, per_target))
 
@@ -181,32 +217,41 @@ def _cells(scores: dict[str, Any], bold: bool = False) -> str:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    """`results.md`: per-target rows and the mean of each kind of erasure, the reference accuracies, in %."""
+    """`results.md`: per-target rows and the mean of each kind of erasure, the reference accuracies, in %; a search's
+    report has one such part per candidate."""
     lines = ["# Unlearning evaluation", "",
              f"{results['images']} images of {len(results['targets'])} targets in `{results['root']}`; "
              "scores in %.", ""]
-    if results["params"] is not None:
-        lines += [f"Erasing parameters: `{json.dumps(results['params'])}`", ""]
+    if "candidates" not in results:
+        return "\n".join(lines + _section_lines(results, "##"))
+    for section in results["candidates"]:
+        lines += [f"## Candidate `{json.dumps(section['params'])}`", "", *_section_lines(section, "###")]
+    return "\n".join(lines)
+
+
+def _section_lines(section: dict[str, Any], heading: str) -> list[str]:
+    """One report section (`summarize`'s keys) as markdown, its headings at level `heading`."""
+    lines = []
     for kind, title in (("objects", "Object unlearning"), ("styles", "Style unlearning")):
-        section = results[kind]
-        if section is not None:
-            lines += [f"## {title} ({len(section['per_target'])} targets)", "",
+        scores_of_kind = section[kind]
+        if scores_of_kind is not None:
+            lines += [f"{heading} {title} ({len(scores_of_kind['per_target'])} targets)", "",
                       "| target | UA ↑ | IRA ↑ | CRA ↑ |", "|---|---:|---:|---:|"]
-            lines += [f"| {target} | {_cells(scores)} |" for target, scores in section["per_target"].items()]
-            lines += [f"| **mean** | {_cells(section, bold=True)} |", ""]
-    if results["sequential"]:
-        lines += ["## Sequential unlearning", "", "| target | erased | UA ↑ | IRA ↑ | CRA ↑ |",
+            lines += [f"| {target} | {_cells(scores)} |" for target, scores in scores_of_kind["per_target"].items()]
+            lines += [f"| **mean** | {_cells(scores_of_kind, bold=True)} |", ""]
+    if section["sequential"]:
+        lines += [f"{heading} Sequential unlearning", "", "| target | erased | UA ↑ | IRA ↑ | CRA ↑ |",
                   "|---|---:|---:|---:|---:|"]
-        lines += [f"| {row['target']} | {len(row['erased'])} | {_cells(row)} |" for row in results["sequential"]]
+        lines += [f"| {row['target']} | {len(row['erased'])} | {_cells(row)} |" for row in section["sequential"]]
         lines.append("")
-    reference = results["reference"]
+    reference = section["reference"]
     if reference is not None:
         accuracies = {key: "–" if reference[key] is None else f"{100 * reference[key]:.2f}"
                       for key in ("object_accuracy", "style_accuracy")}
-        lines += [f"## Reference: no erasure (`{reference['target']}`)", "",
+        lines += [f"{heading} Reference: no erasure (`{reference['target']}`)", "",
                   f"Object accuracy {accuracies['object_accuracy']}, style accuracy {accuracies['style_accuracy']} "
                   "(means over classes and styles).", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(folder: Path, results: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 
 Every image gets its own noise generator seeded from `(seed, prompt_id)`, so an image does not depend on which
 other prompts share its batch, nor on the number of processes, nor on what is erased. Each item names the concepts
-erased while it is generated (`PromptItem.erase`); a batch mixing erased sets is generated one set at a time.
+erased while it is generated (`PromptItem.erase`) and, in a parameter search, the candidate they are erased with
+(`PromptItem.candidate`); a batch mixing erasures is generated one erasure at a time.
 The diffusers pipeline and the erasure SAE are plain attributes, not registered submodules: Lightning neither wraps
 nor broadcasts them, and the module has no parameters to train.
 """
@@ -21,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
+from saemnesia.class_params import Candidate
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
@@ -49,6 +51,8 @@ class PromptItem(NamedTuple):
     erasure."""
     target: str = NO_ERASURE
     """Label of the erased set, the image's folder: a concept name, `first_03` (sequential) or `none`."""
+    candidate: Candidate | None = None
+    """The search candidate every erased concept is erased with; `None` takes each concept's `class_params`."""
 
 
 class GenerationOutput(NamedTuple):
@@ -148,20 +152,20 @@ class HookedDiffusion(pl.LightningModule):
             self.erasers.to(self.device)
 
     def on_predict_start(self) -> None:
-        """Build the eraser of every erased set the prompt items ask for, so that an unknown concept or a missing
+        """Build the eraser of every erasure the prompt items ask for, so that an unknown concept or a missing
         parameter fails before the first image rather than hours into a run."""
         items: list[PromptItem] = getattr(self.trainer.datamodule, "items", [])
-        for erase in sorted({item.erase for item in items}):
-            self.eraser_for(erase)
+        for erase, candidate in dict.fromkeys((item.erase, item.candidate) for item in items):
+            self.eraser_for(erase, candidate)
 
-    def eraser_for(self, erase: tuple[str, ...]) -> ConceptEraser | None:
-        """The eraser of one erased set; `None` for `()` (no erasure)."""
+    def eraser_for(self, erase: tuple[str, ...], candidate: Candidate | None = None) -> ConceptEraser | None:
+        """The eraser of one erased set (with a search candidate's parameters); `None` for `()` (no erasure)."""
         if not erase:
             return None
         if self.erasers is None:
             raise ValueError(f"Prompt items erase {list(erase)} but model.erasure is not set; give the SAE, "
                              "statistics and class_params to erase with.")
-        return self.erasers.eraser_for(erase)
+        return self.erasers.eraser_for(erase, candidate)
 
     def _on_block_output(self, eraser: ConceptEraser | None, capture: ActivationCapture | None, hidden: Tensor,
                          context: HookContext) -> Tensor | None:
@@ -175,16 +179,17 @@ class HookedDiffusion(pl.LightningModule):
     def generate(self, items: list[PromptItem]) -> GenerationOutput:
         """Generate one batch of prompt items (call `setup` first when not run by a Trainer).
 
-        Items are grouped by erased set and each group is generated with its own eraser; the outputs come back in
-        the order of `items` (each image's noise is its own, so grouping changes nothing but rounding).
+        Items are grouped by erasure (erased set and candidate) and each group is generated with its own eraser; the
+        outputs come back in the order of `items` (each image's noise is its own, so grouping changes nothing but
+        rounding).
         """
         if self.pipe is None:
             raise RuntimeError("HookedDiffusion.generate needs the pipeline: call setup('predict') first.")
-        groups: dict[tuple[str, ...], list[int]] = {}
+        groups: dict[tuple[tuple[str, ...], Candidate | None], list[int]] = {}
         for position, item in enumerate(items):
-            groups.setdefault(item.erase, []).append(position)
-        results = [self._generate_group([items[position] for position in positions], self.eraser_for(erase))
-                   for erase, positions in groups.items()]
+            groups.setdefault((item.erase, item.candidate), []).append(position)
+        results = [self._generate_group([items[position] for position in positions], self.eraser_for(*erasure))
+                   for erasure, positions in groups.items()]
         # Row i of the concatenated groups holds item grouped_order[i]; argsort inverts that permutation.
         batch_order = torch.tensor([position for positions in groups.values() for position in positions]).argsort()
         images = torch.cat([images for images, _ in results])[batch_order]  # [B, ...]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -13,12 +12,9 @@ import pytest
 import torch
 
 from saemnesia.class_params import (
-    SAEMNESIA_MULTIPLIERS,
-    SAEMNESIA_PERCENTILE,
     SAEURON_PERCENTILES,
     load_class_params,
     save_class_params,
-    search_grid,
     top_latents_percentile,
     validate_class_params,
 )
@@ -110,18 +106,6 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "incomplete.json").write_text(json.dumps({"Bears": {"multiplier": -1}}))
     with pytest.raises(ValueError, match="incomplete.json: the entry of 'Bears' must have"):
         load_class_params(tmp_path / "incomplete.json")
-
-
-def test_search_grids() -> None:
-    saemnesia = search_grid("saemnesia")
-    assert saemnesia == [{"percentile": 99.999, "multiplier": m} for m in (-1, -5, -10, -15, -20, -25, -30)]
-    assert SAEMNESIA_PERCENTILE == 99.999 and SAEMNESIA_MULTIPLIERS == (-1, -5, -10, -15, -20, -25, -30)
-    saeuron = search_grid("saeuron")
-    expected = set(itertools.product((99.99, 99.995, 99.999), SAEMNESIA_MULTIPLIERS))
-    assert len(saeuron) == 21 and {(c["percentile"], c["multiplier"]) for c in saeuron} == expected
-    assert SAEURON_PERCENTILES == (99.99, 99.995, 99.999)
-    with pytest.raises(ValueError, match="Unknown search method 'esd'"):
-        search_grid("esd")
 
 
 @pytest.mark.parametrize("num_latents", [1024, 20480])

@@ -28,7 +28,7 @@ SAMPLING = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height", "w
 
 def subcommand(config: str) -> str:
     name = Path(config).stem
-    return "fit" if name.startswith(("sae", "toy_")) else "test" if name == "evaluate" else "predict"
+    return "fit" if name.startswith(("sae", "toy_")) else "test" if name.endswith("evaluate") else "predict"
 
 
 @functools.cache
@@ -80,10 +80,12 @@ def test_predict_runs_take_the_shared_values_and_restate_none(experiment, step):
 
 def test_command_line_overrides_reach_included_and_own_values():
     """The overrides `make demo` passes: single values of the included model, of the step's erasure and callback."""
-    printed = resolved("toy/sweep.yaml", "--model.init_args.erasure.multiplier=-5", "--model.init_args.num_steps=3",
-                       "--data.init_args.targets=[Circle]", "--trainer.callbacks.output_dir=runs/x")
+    printed = resolved("toy/sweep.yaml", "--model.init_args.erasure.start_step=2", "--model.init_args.num_steps=3",
+                       "--data.init_args.targets=[Circle]", "--trainer.callbacks.output_dir=runs/x",
+                       "--data.init_args.candidates=[{percentile: 99.9, multiplier: -5}]")
     model = printed["model"]["init_args"]
-    assert (model["erasure"]["multiplier"], model["erasure"]["percentile"], model["num_steps"]) == (-5, 99.999, 3)
+    assert (model["erasure"]["start_step"], model["erasure"]["error_mode"], model["num_steps"]) == (2, "exact", 3)
+    assert printed["data"]["init_args"]["candidates"] == [{"percentile": 99.9, "multiplier": -5}]
     assert model["guidance_scale"] == resolved("toy/generation.yaml")["model"]["init_args"]["guidance_scale"]
     assert printed["data"]["init_args"]["targets"] == ["Circle"]
     assert printed["trainer"]["callbacks"][0]["init_args"]["output_dir"] == "runs/x"
@@ -118,6 +120,9 @@ def test_toy_runs_agree_on_vocabulary_seeds_targets_and_erasure():
     assert resolved("toy/sae.yaml")["data"]["init_args"]["shards"] == cache_writer["output_dir"]
     unlearn_writer = runs["unlearn"]["trainer"]["callbacks"][0]["init_args"]
     assert resolved("toy/evaluate.yaml")["data"]["init_args"]["root"] == unlearn_writer["output_dir"]
+    selection = resolved("toy/sweep_evaluate.yaml")
+    assert selection["data"]["init_args"]["root"] == runs["sweep"]["trainer"]["callbacks"][0]["init_args"]["output_dir"]
+    assert selection["trainer"]["callbacks"][0]["init_args"]["outputs"] == [erasures["unlearn"]["class_params"]]
 
 
 def test_unlearncanvas_runs_prompt_the_published_vocabulary_and_targets():

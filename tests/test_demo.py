@@ -11,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saemnesia.demo import REPORT_DIR, TOP_LATENTS_PERCENTILES, DemoSetting, compared_erasers, main
+from callbacks.class_params_selector import select_class_params
+from cli import main as cli_main
+from saemnesia.demo import (REPO, REPORT_DIR, TOP_LATENTS_PERCENTILES, DemoSetting, compared_erasers, erasure_overrides,
+                            main)
 from saemnesia.toy import ASSETS_DIR, TOY_PIPELINE_DIR
 
 MIN_MEAN_DROP = 0.5  # mean over targets of the erased object's accuracy drop against the unerased images
@@ -62,7 +65,36 @@ def test_report_table_and_sample_grid(demo_run):
     assert [row.split(" | ")[0] for row in rows] == ["| no erasure", "| unsupervised SAE (SAeUron-style)",
                                                      "| supervised SAE (SAEmnesia)",
                                                      "| same SAE and multipliers, `error_mode: reference`"]
-    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |", "– |"]  # generation runs of each search
+    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |", "– |"]  # candidates of each search
     assert table in (workdir / REPORT_DIR / "report.md").read_text()
     with Image.open(workdir / REPORT_DIR / "samples.png") as grid:
         assert grid.size == (4 * 32 * 4, len(OBJECTS) * 32 * 4)  # 4 columns, one row per object, enlarged 4×
+
+
+def search(eraser, folder: Path, multipliers: list[float]) -> dict:
+    """One search run over `multipliers` with the demo's SAE and statistics, and its evaluation's results."""
+    candidates = ", ".join(f"{{percentile: 99.999, multiplier: {m}}}" for m in multipliers)
+    cli_main(["predict", "-c", str(REPO / "configs/toy/sweep.yaml"), *erasure_overrides(eraser),
+              *SETTING.data(styles=False),
+              f"--data.init_args.targets=[{', '.join(OBJECTS)}]", f"--data.init_args.candidates=[{candidates}]",
+              f"--trainer.callbacks.output_dir={folder / 'images'}", f"--trainer.default_root_dir={folder}"])
+    cli_main(["test", "-c", str(REPO / "configs/toy/sweep_evaluate.yaml"), f"--data.init_args.root={folder / 'images'}",
+              f"--model.init_args.output_dir={folder}", f"--trainer.default_root_dir={folder}",
+              f"--trainer.callbacks.outputs=[{folder / 'class_params.json'}]", "--trainer.callbacks.ties=stronger"])
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_one_search_run_chooses_what_one_run_per_candidate_chooses(demo_run, monkeypatch):
+    workdir, _ = demo_run
+    monkeypatch.chdir(workdir)
+    _, supervised, _ = compared_erasers(SETTING)
+    multipliers = [-1.0, -10.0, -30.0]
+    together = search(supervised, Path("runs/search_together"), multipliers)
+    apart = [search(supervised, Path(f"runs/search_m{m:g}"), [m])["candidates"][0] for m in multipliers]
+    assert together["candidates"] == apart  # each candidate's scores, whichever run generated its images
+    merged = workdir / "runs/search_apart/results.json"
+    merged.parent.mkdir(parents=True)
+    merged.write_text(json.dumps({**together, "candidates": apart}))
+    chosen = select_class_params(merged, ties="stronger")
+    assert json.loads((workdir / "runs/search_together/class_params.json").read_text()) == chosen
+    assert set(chosen) == set(OBJECTS)

@@ -18,10 +18,11 @@ from torch import nn
 from callbacks.class_params_selector import ClassParamsSelector, select_class_params
 from cli import main
 from datamodules.images import ImageFolderDataModule
-from saemnesia.class_params import load_class_params
+from saemnesia.class_params import Candidate, load_class_params
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/toy/evaluate.yaml")
+SEARCH_CONFIG = str(REPO / "configs/toy/sweep_evaluate.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--data.init_args.batch_size=4"]
 OBJECTS = ["Circle", "Square", "Triangle"]
@@ -45,9 +46,10 @@ class ColourClassifier(nn.Module):
         return -(value[:, None] - self.levels) ** 2  # [B, K]
 
 
-def predicted(target: str, obj: str, style: str | None) -> tuple[str, str]:
-    """What the classifiers are made to answer: erased objects become the next object; a few planted mistakes."""
-    pred_object = OBJECTS[(OBJECTS.index(obj) + 1) % 3] if obj in TARGETS[target] else obj
+def predicted(target: str, obj: str, style: str | None, erases: bool = True) -> tuple[str, str]:
+    """What the classifiers are made to answer: erased objects become the next object (unless the erasure fails,
+    `erases=False`); a few planted mistakes."""
+    pred_object = OBJECTS[(OBJECTS.index(obj) + 1) % 3] if erases and obj in TARGETS[target] else obj
     pred_style = "Plain" if style is None else style
     if (target, obj, style) == ("Square", "Triangle", "Blueprint"):
         pred_object = "Circle"
@@ -58,22 +60,29 @@ def predicted(target: str, obj: str, style: str | None) -> tuple[str, str]:
     return pred_object, pred_style
 
 
-def write_images(root: Path, targets: dict[str, list[str]] = TARGETS) -> None:
-    """Every target × object × (styles + plain), seed 0, as the unlearning run lays them out, with manifest."""
+def write_images(root: Path, targets: dict[str, list[str]] = TARGETS,
+                 candidates: dict[Candidate, bool] | None = None) -> None:
+    """Every target × object × (styles + plain), seed 0, as the unlearning run lays them out, with manifest; a
+    search's images once per candidate, each erasing or not as `candidates` says."""
     lines = []
-    for target, erased in targets.items():
-        (root / target).mkdir(parents=True)
-        for obj in OBJECTS:
-            for style in (*STYLES, None):
-                pred_object, pred_style = predicted(target, obj, style)
-                colour = (round(255 * LEVELS[OBJECTS.index(pred_object)]),
-                          round(255 * LEVELS[STYLE_LABELS.index(pred_style)]), 0)
-                name = f"{obj}_seed0.jpg" if style is None else f"{style}_{obj}_seed0.jpg"
-                Image.new("RGB", (16, 16), colour).save(root / target / name, quality=95)
-                prompt = f"An image of {obj}." if style is None else f"An image of {obj} in {style} style."
-                lines.append(json.dumps({"file": f"{target}/{name}", "target": target, "erased": erased,
-                                         "prompt_id": f"{obj}-{style or 'plain'}-000-s0", "prompt": prompt,
-                                         "object": obj, "style": style, "seed": 0}))
+    for candidate, erases in (candidates or {None: True}).items():
+        folder = "" if candidate is None else f"{candidate.name}/"
+        for target, erased in targets.items():
+            (root / folder / target).mkdir(parents=True)
+            for obj in OBJECTS:
+                for style in (*STYLES, None):
+                    pred_object, pred_style = predicted(target, obj, style, erases)
+                    colour = (round(255 * LEVELS[OBJECTS.index(pred_object)]),
+                              round(255 * LEVELS[STYLE_LABELS.index(pred_style)]), 0)
+                    name = f"{folder}{target}/{obj}_seed0.jpg" if style is None else \
+                        f"{folder}{target}/{style}_{obj}_seed0.jpg"
+                    Image.new("RGB", (16, 16), colour).save(root / name, quality=95)
+                    prompt = f"An image of {obj}." if style is None else f"An image of {obj} in {style} style."
+                    lines.append(json.dumps({
+                        "file": name, "target": target, "erased": erased,
+                        "candidate": None if candidate is None else candidate._asdict(),
+                        "prompt_id": f"{obj}-{style or 'plain'}-000-s0", "prompt": prompt, "object": obj,
+                        "style": style, "seed": 0}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -92,10 +101,9 @@ def toy_workdir(tmp_path, monkeypatch):
     write_classifier(tmp_path / "saemnesia/toy/assets/classifiers/object", OBJECTS, channel=0)
     write_classifier(tmp_path / "saemnesia/toy/assets/classifiers/style", STYLE_LABELS, channel=1)
     write_images(tmp_path / "runs/toy/unlearn/images")
-    # What ImageWriter records for a search run: one percentile and multiplier for every target.
     (tmp_path / "runs/toy/unlearn/images/generation.json").write_text(json.dumps(
-        {"num_steps": 20, "erasure": {"sae": "runs/toy/sae_supervised", "class_params": None, "percentile": 99.999,
-                                      "multiplier": -5.0, "error_mode": "exact"}}))
+        {"num_steps": 20, "erasure": {"sae": "runs/toy/sae_supervised", "class_params": "runs/toy/class_params.json",
+                                      "error_mode": "exact"}}))
     return tmp_path
 
 
@@ -119,7 +127,7 @@ def check_results(results: dict) -> None:
     assert results["reference"]["object_accuracy"] == pytest.approx(8 / 9)
     assert results["reference"]["style_accuracy"] == 1.0
     assert results["images"] == 36 and results["targets"]["first_02"] == {"erased": ["Circle", "Square"], "images": 9}
-    assert results["params"] == {"percentile": 99.999, "multiplier": -5.0}
+    assert results["generation"]["erasure"]["class_params"] == "runs/toy/class_params.json"
 
 
 def test_toy_evaluate_config_writes_the_hand_computed_report(toy_workdir):
@@ -193,64 +201,77 @@ def test_objects_unknown_to_the_classifier_are_refused(toy_workdir):
         main(["test", "-c", CONFIG, *QUIET, "--model.init_args.object_classifier.checkpoint=two"])
 
 
-def write_run(sweep: Path, name: str, params: dict, objects: dict[str, tuple[float, float]],
-              styles: dict[str, tuple[float, float]] | None = None) -> None:
-    """A hand-made `results.json`: per erased concept its (UA, IRA)."""
+def write_search(path: Path, candidates: list[tuple[dict, dict[str, tuple[float, float]], dict | None]]) -> Path:
+    """A hand-made search `results.json`: per candidate its params and, per erased concept, (UA, IRA)."""
     def section(scores: dict[str, tuple[float, float]] | None) -> dict | None:
         return None if not scores else {"per_target": {
             concept: {"UA": ua, "IRA": ira, "CRA": 0.5} for concept, (ua, ira) in scores.items()}}
 
-    targets = {concept: {"erased": [concept], "images": 3} for concept in [*objects, *(styles or {})]}
-    (sweep / name).mkdir(parents=True)
-    (sweep / name / "results.json").write_text(json.dumps(
-        {"params": params, "targets": targets, "objects": section(objects), "styles": section(styles)}))
+    concepts = {concept for _, objects, styles in candidates for concept in [*objects, *(styles or {})]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "targets": {concept: {"erased": [concept], "images": 3} for concept in sorted(concepts)},
+        "candidates": [{"params": params, "objects": section(objects), "styles": section(styles)}
+                       for params, objects, styles in candidates]}))
+    return path
 
 
 def test_class_params_selector_keeps_the_best_mean_of_ua_and_ira(tmp_path):
-    sweep = tmp_path / "sweep"
     # Bears: -1 → (0.5 + 0.9)/2 = 0.7, -5 → (0.9 + 0.8)/2 = 0.85, -10 → (1.0 + 0.8)/2 = 0.9: the best is -10.
     # Cubism: -1 → 0.625, -5 → 0.75, -10 → 0.75 and (99.99, -5) → 0.75: the tie goes to the smaller |multiplier|,
     # then to the larger percentile, so (99.999, -5).
-    write_run(sweep, "m01", {"percentile": 99.999, "multiplier": -1.0}, {"Bears": (0.5, 0.9)}, {"Cubism": (0.25, 1.0)})
-    write_run(sweep, "m05", {"percentile": 99.999, "multiplier": -5.0}, {"Bears": (0.9, 0.8)}, {"Cubism": (0.75, 0.75)})
-    write_run(sweep, "m10", {"percentile": 99.999, "multiplier": -10.0}, {"Bears": (1.0, 0.8)}, {"Cubism": (1.0, 0.5)})
-    write_run(sweep, "p9999", {"percentile": 99.99, "multiplier": -5.0}, {}, {"Cubism": (0.5, 1.0)})
-    (sweep / "m20").mkdir()  # still generating: no results yet
-    selector = ClassParamsSelector(str(sweep), [str(tmp_path / "class_params.json"), str(tmp_path / "cp.pth")])
-    with pytest.warns(UserWarning, match=r"Sweep runs without results.json are skipped: \['m20'\]"):
-        chosen = selector.select()
+    candidates = [({"percentile": 99.999, "multiplier": -1.0}, {"Bears": (0.5, 0.9)}, {"Cubism": (0.25, 1.0)}),
+                  ({"percentile": 99.999, "multiplier": -5.0}, {"Bears": (0.9, 0.8)}, {"Cubism": (0.75, 0.75)}),
+                  ({"percentile": 99.999, "multiplier": -10.0}, {"Bears": (1.0, 0.8)}, {"Cubism": (1.0, 0.5)}),
+                  ({"percentile": 99.99, "multiplier": -5.0}, {}, {"Cubism": (0.5, 1.0)})]
+    results = write_search(tmp_path / "sweep/results.json", candidates)
+    selector = ClassParamsSelector([str(tmp_path / "class_params.json"), str(tmp_path / "cp.pth")])
     expected = {"Bears": {"percentile": 99.999, "multiplier": -10.0},
                 "Cubism": {"percentile": 99.999, "multiplier": -5.0}}
-    assert chosen == expected
+    assert selector.select(results) == expected
     assert load_class_params(tmp_path / "class_params.json") == expected == load_class_params(tmp_path / "cp.pth")
     # `stronger` breaks Cubism's three-way tie the other way: the larger |multiplier| (-10), while Bears' best score
     # still wins outright; between equal multipliers it takes the smaller percentile (more latents).
-    with pytest.warns(UserWarning, match="skipped"):
-        assert select_class_params(sweep, ties="stronger") == {
-            "Bears": {"percentile": 99.999, "multiplier": -10.0}, "Cubism": {"percentile": 99.999, "multiplier": -10.0}}
-    write_run(sweep, "p9999_m10", {"percentile": 99.99, "multiplier": -10.0}, {}, {"Cubism": (0.5, 1.0)})
-    with pytest.warns(UserWarning, match="skipped"):
-        assert select_class_params(sweep, ties="stronger")["Cubism"] == {"percentile": 99.99, "multiplier": -10.0}
-        assert select_class_params(sweep)["Cubism"] == {"percentile": 99.999, "multiplier": -5.0}
+    assert select_class_params(results, ties="stronger") == {
+        "Bears": {"percentile": 99.999, "multiplier": -10.0}, "Cubism": {"percentile": 99.999, "multiplier": -10.0}}
+    write_search(results, [*candidates, ({"percentile": 99.99, "multiplier": -10.0}, {}, {"Cubism": (0.5, 1.0)})])
+    assert select_class_params(results, ties="stronger")["Cubism"] == {"percentile": 99.99, "multiplier": -10.0}
+    assert select_class_params(results)["Cubism"] == {"percentile": 99.999, "multiplier": -5.0}
     with pytest.raises(ValueError,
                        match=r"ClassParamsSelector.ties must be one of \['milder', 'stronger'\], got 'random'"):
-        ClassParamsSelector(str(sweep), ["cp.json"], ties="random")
-
-    (sweep / "m20").rmdir()
-    write_run(sweep, "broken", None, {"Bears": (1.0, 1.0)})
-    with pytest.raises(ValueError, match=r"broken/results.json has no 'params' \(one percentile and multiplier"):
-        select_class_params(sweep)
+        ClassParamsSelector(["cp.json"], ties="random")
     with pytest.raises(ValueError, match=r"outputs \['cp.txt'\] must end in .json or .pth"):
-        ClassParamsSelector(str(sweep), ["cp.txt"])
+        ClassParamsSelector(["cp.txt"])
 
 
-def test_selector_callback_reselects_after_each_sweep_evaluation(toy_workdir):
-    # An earlier sweep run (multiplier −1): Circle (0.5 + 1)/2 = 0.75, Square (1 + 1)/2 = 1.
-    # This run (multiplier −5, check_results): Circle (1 + 1)/2 = 1, Square (1 + 5/6)/2 ≈ 0.92.
-    write_run(toy_workdir / "runs/toy/sweep", "m01", {"percentile": 99.999, "multiplier": -1.0},
-              {"Circle": (0.5, 1.0), "Square": (1.0, 1.0)})
-    main(["test", "-c", CONFIG, *QUIET, "--trainer.logger=false", "--model.init_args.output_dir=runs/toy/sweep/m05",
-          "--trainer.callbacks+=callbacks.class_params_selector.ClassParamsSelector",
-          "--trainer.callbacks.sweep_dir=runs/toy/sweep", "--trainer.callbacks.outputs=[runs/toy/class_params.json]"])
+def test_the_selector_refuses_what_is_not_a_search_evaluation(tmp_path, toy_workdir):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/results.json does not exist; evaluate the search's images"):
+        select_class_params(tmp_path / "nowhere/results.json")
+    main(["test", "-c", CONFIG, *QUIET, "--trainer.logger=false"])  # an unlearning run's evaluation
+    with pytest.raises(ValueError, match=r"evaluate/results.json has no 'candidates'; evaluate the images of a search"):
+        select_class_params(toy_workdir / "runs/toy/evaluate/results.json")
+    broken = write_search(tmp_path / "broken/results.json", [({"percentile": 99.999}, {"Bears": (1.0, 1.0)}, None)])
+    with pytest.raises(ValueError, match=r"candidates\[0\] params: the entry of 'candidate' must have 'percentile' and "
+                                         r"'multiplier'"):
+        select_class_params(broken)
+
+
+def test_search_evaluation_scores_each_candidate_and_selects_the_best(toy_workdir):
+    # Candidate m-1 erases nothing: Circle's images stay Circles (UA 0, IRA 1: score 1/2), Square's Squares (UA 0,
+    # IRA 5/6 with the planted Triangle mistake). Candidate m-5 scores as check_results: Circle 1, Square 11/12.
+    weak, strong = Candidate(99.999, -1.0), Candidate(99.999, -5.0)
+    targets = {name: TARGETS[name] for name in ("Circle", "Square")}
+    write_images(toy_workdir / "runs/toy/sweep/images", targets, {weak: False, strong: True})
+    main(["test", "-c", SEARCH_CONFIG, *QUIET])
+    results = json.loads((toy_workdir / "runs/toy/sweep/results.json").read_text())
+    assert [section["params"] for section in results["candidates"]] == [weak._asdict(), strong._asdict()]
+    scores = {section["params"]["multiplier"]: section["objects"]["per_target"] for section in results["candidates"]}
+    assert scores[-1.0]["Circle"] == {"UA": 0.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6)}
+    assert scores[-1.0]["Square"] == {"UA": 0.0, "IRA": pytest.approx(5 / 6), "CRA": 1.0}
+    assert scores[-5.0]["Circle"] == {"UA": 1.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6)}
+    assert results["images"] == 36 and results["targets"]["Circle"] == {"erased": ["Circle"], "images": 18}
+    report = (toy_workdir / "runs/toy/sweep/results.md").read_text()
+    assert '## Candidate `{"percentile": 99.999, "multiplier": -1.0}`' in report
+    assert "| Circle | 0.00 | 100.00 | 83.33 |" in report and "| Circle | 100.00 | 100.00 | 83.33 |" in report
     assert load_class_params(toy_workdir / "runs/toy/class_params.json") == {
-        "Circle": {"percentile": 99.999, "multiplier": -5.0}, "Square": {"percentile": 99.999, "multiplier": -1.0}}
+        "Circle": strong._asdict(), "Square": strong._asdict()}

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from datamodules.prompts import PromptDataModule
+from saemnesia.class_params import Candidate
 from saemnesia.concepts import UNLEARNCANVAS, ConceptVocabulary
 from saemnesia.generation import PromptItem
 
@@ -94,6 +95,17 @@ def test_anchor_i_style_i_pairs_each_anchor_prompt_with_one_style(tmp_path):
     assert anchored.items[2].prompt == "Two bears in Van Gogh style."
 
 
+def test_search_candidates_repeat_the_erasing_items_candidate_by_candidate():
+    candidates = [{"percentile": 99.999, "multiplier": -1}, {"percentile": 99.99, "multiplier": -5.0}]
+    data = PromptDataModule(VOCABULARY, objects=["Bears", "Cats"], styles=[], targets=["Bears", "Cats"],
+                            candidates=candidates)
+    plain = PromptDataModule(VOCABULARY, objects=["Bears", "Cats"], styles=[], targets=["Bears", "Cats"]).items
+    assert [item.candidate for item in plain] == [None] * 4
+    expected = [item._replace(candidate=Candidate(**params)) for params in candidates for item in plain]
+    assert data.items == expected  # every target's items under each candidate in turn, the same prompt ids
+    assert [item.candidate.name for item in data.items[::4]] == ["p99.999_m-1", "p99.99_m-5"]
+
+
 def test_excluded_items_are_not_batched_and_batches_keep_the_order():
     data = PromptDataModule(VOCABULARY, batch_size=4)
     stored = {item.prompt_id for item in data.items[1:6]}
@@ -138,3 +150,8 @@ def test_bad_selections_fail_with_one_sentence(tmp_path):
         PromptDataModule(clashing, include_plain=False, seeds=(188,))
     with pytest.raises(ValueError, match=r"Prompt ids \['Mr\.Bear-plain-000-s188'\]"):
         PromptDataModule(ConceptVocabulary(objects=("Mr.Bear",)))
+    with pytest.raises(ValueError, match=r"data.candidates repeats \['p99.999_m-5'\] \(folder names"):
+        PromptDataModule(VOCABULARY, targets=["Bears"], candidates=[{"percentile": 99.999, "multiplier": -5}] * 2)
+    with pytest.raises(ValueError, match=r"data.candidates\[1\]: the entry of 'candidate' must have 'percentile'"):
+        PromptDataModule(VOCABULARY, targets=["Bears"], candidates=[{"percentile": 99.9, "multiplier": -5},
+                                                                    {"multiplier": -1}])

@@ -21,7 +21,7 @@ from PIL import Image
 from callbacks.image_writer import image_file, jpeg_bytes
 from cli import main
 from datamodules.prompts import PromptDataModule
-from saemnesia.class_params import save_class_params
+from saemnesia.class_params import Candidate, save_class_params
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.generation import CaptureConfig, HookedDiffusion
@@ -39,6 +39,8 @@ STATS = "runs/toy/stats/concept_stats.safetensors"  # where the toy configs read
 UNLEARN = ["predict", "-c", str(REPO / "configs/toy/unlearn.yaml"), *SMALL_DATA, *QUIET,
            "--data.init_args.targets=[Circle, Square, none]", "--model.init_args.erasure.start_step=0"]
 IMAGES = Path("runs/toy/unlearn/images")
+SEARCH = ["predict", "-c", str(REPO / "configs/toy/sweep.yaml"), *SMALL_DATA, *QUIET,
+          "--data.init_args.targets=[Circle, Square]", "--model.init_args.erasure.start_step=0"]
 TOY_VOCABULARY = ConceptVocabulary(objects=("Circle", "Square", "Triangle", "Star"), styles=("Pop_Art", "Blueprint"))
 PROMPTS = {(obj, style): f"An image of {obj} in Pop Art style." if style else f"An image of {obj}."
            for obj in ("Circle", "Square") for style in ("Pop_Art", None)}
@@ -95,7 +97,7 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
     assert [record["file"] for record in records] == sorted(EXPECTED_FILES)
     assert {path.relative_to(IMAGES).as_posix() for path in IMAGES.rglob("*.jpg")} == EXPECTED_FILES
     assert records[0] == {"file": "Circle/Circle_seed0.jpg", "target": "Circle", "erased": ["Circle"],
-                          "prompt_id": "Circle-plain-000-s0", "prompt": "An image of Circle.", "object": "Circle",
+                          "candidate": None, "prompt_id": "Circle-plain-000-s0", "prompt": "An image of Circle.", "object": "Circle",
                           "style": None, "seed": 0}
     assert {(r["target"], tuple(r["erased"])) for r in records} == {("Circle", ("Circle",)), ("Square", ("Square",)),
                                                                     ("none", ())}
@@ -120,14 +122,16 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
             assert difference > 1.0, (target, name, difference)
 
 
-def test_percentile_and_multiplier_override_every_target_without_reading_class_params(toy_cwd):
-    erasure = ErasureConfig(sae="runs/toy/sae_supervised", stats="runs/toy/stats/concept_stats.safetensors",
-                            class_params="missing.json", percentile=99.5, multiplier=-3.0)
+def test_a_search_candidate_sets_every_erased_concept_without_class_params(toy_cwd):
+    erasure = ErasureConfig(sae="runs/toy/sae_supervised", stats="runs/toy/stats/concept_stats.safetensors")
     builder = ErasureBuilder(erasure, HOOKPOINT, num_steps=3)
-    assert builder.params_for(("Circle", "Square")) == {name: {"percentile": 99.5, "multiplier": -3.0}
-                                                         for name in ("Circle", "Square")}
+    assert builder.params_for(("Circle", "Square"), Candidate(99.5, -3.0)) == {
+        name: {"percentile": 99.5, "multiplier": -3.0} for name in ("Circle", "Square")}
+    with pytest.raises(ValueError, match=r"Prompt items erase \['Circle'\] without a search candidate and "
+                                         "model.erasure.class_params is not set"):
+        builder.params_for(("Circle",))
     with pytest.raises(FileNotFoundError, match="class_params file missing.json does not exist."):
-        ErasureBuilder(replace(erasure, percentile=None), HOOKPOINT, num_steps=3)  # the file holds the percentiles
+        ErasureBuilder(replace(erasure, class_params="missing.json"), HOOKPOINT, num_steps=3)
 
 
 def test_erasure_rewrites_both_halves_at_every_step_and_capture_sees_its_output(toy_cwd):
@@ -189,7 +193,7 @@ def test_an_interrupted_run_resumes_without_regenerating_finished_images(toy_cwd
     assert not list(IMAGES.rglob("*.tmp"))
 
     with pytest.raises(ValueError, match=r"records images generated with other \['erasure'\] than this run's"):
-        main([*UNLEARN, "--model.init_args.erasure.multiplier=-3"])
+        main([*UNLEARN, "--model.init_args.erasure.start_step=1"])
 
 
 def test_unlearncanvas_prompt_sets(tmp_path):
@@ -207,7 +211,9 @@ def test_unlearncanvas_prompt_sets(tmp_path):
         (anchors / f"sd_prompt_{obj}.txt").write_text("".join(f"{obj} anchor {i}.\n" for i in range(80)))
     sweep = yaml.safe_load((REPO / "configs/sd15_unlearncanvas/sweep.yaml").read_text())["data"]["init_args"]
     validation = PromptDataModule(**{**sweep, "anchor_prompts": str(anchors)}).items
-    assert len(validation) == 20 * 49 * 20  # docs/method.md §5: 49 prompts × 20 classes per target
+    assert len(validation) == 7 * 20 * 49 * 20  # docs/method.md §5: 49 prompts × 20 classes per target and candidate
+    assert [candidate.multiplier for candidate in dict.fromkeys(item.candidate for item in validation)] == [
+        -1, -5, -10, -15, -20, -25, -30]
     assert {(item.prompt_id.split("-")[2], item.style) for item in validation} == {
         (f"{i:03d}", UNLEARNCANVAS_STYLES[i]) for i in range(49)}  # anchor prompt i with style i
     assert validation[0].prompt == f"{UNLEARNCANVAS_OBJECTS[0]} anchor 0 in {UNLEARNCANVAS_STYLES[0]} style."
@@ -239,11 +245,16 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
     with pytest.raises(ValueError, match=rf"start_step must lie in \[0, 3\) for the concept statistics {STATS} of 3 "
                                          r"steps; got 3."):
         main([*UNLEARN, "--model.init_args.erasure.start_step=3"])
-    with pytest.raises(ValueError, match=r"model.erasure.percentile must lie in \[0, 100\]; got 150.0."):
-        main([*UNLEARN, "--model.init_args.erasure.percentile=150"])
+    with pytest.raises(ValueError, match=r"data.candidates\[0\]: 'candidate' percentile must lie in \[0, 100\]; "
+                                         "got 150.0."):
+        main([*SEARCH, "--data.init_args.candidates=[{percentile: 150, multiplier: -1}]"])
+    with pytest.raises(ValueError, match="data.candidates is empty; list at least one"):
+        main([*SEARCH, "--data.init_args.candidates=[]"])
+    with pytest.raises(ValueError, match="data.candidates rate erasing parameters, but target 'none'"):
+        main([*SEARCH, "--data.init_args.targets=[Circle, none]"])
     save_class_params("circle_only.json", {"Circle": {"percentile": 99.0, "multiplier": -10.0}})
-    with pytest.raises(ValueError, match="The class_params file circle_only.json has no entry for the target concept "
-                                         "'Square'; add it or set model.erasure.percentile and multiplier."):
+    with pytest.raises(ValueError, match=r"The class_params file circle_only.json has no entry for the target "
+                                         r"concepts \['Square'\]; add them or search their parameters first."):
         main([*UNLEARN, "--model.init_args.erasure.class_params=circle_only.json"])
     with pytest.raises(ValueError, match=r"Prompt items erase \['Circle'\] but model.erasure is not set"):
         main([*UNLEARN, "--model.init_args.erasure=null"])
@@ -265,6 +276,6 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
                                          "erase with the SAE trained at this hookpoint"):
         main([*UNLEARN, "--model.init_args.erasure.sae=sae32",
               "--model.init_args.erasure.stats=stats_without_digest.safetensors"])
-    with pytest.raises(ValueError, match="model.erasure needs a class_params file, or both percentile and multiplier"):
-        main(["predict", "-c", str(REPO / "configs/toy/sweep.yaml"), *SMALL_DATA, *QUIET])  # multiplier unset
+    with pytest.raises(ValueError, match="without a search candidate and model.erasure.class_params is not set"):
+        main([*SEARCH, "--data.init_args.candidates=null"])  # the search config reads no class_params
     assert not list(Path(".").rglob("*.jpg"))
