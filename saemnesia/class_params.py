@@ -56,7 +56,8 @@ class Candidate(NamedTuple):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], source: str) -> Candidate:
-        """A candidate from a `{percentile, multiplier}` mapping, checked as a class_params entry (`source` names it)."""
+        """A candidate from a `{percentile, multiplier}` mapping, checked as a class_params entry; `source` names
+        it in errors."""
         return cls(**validate_class_params({"candidate": params}, source)["candidate"])
 
     @property

@@ -1,11 +1,13 @@
-"""`make demo`: the whole workflow on ToyCanvas, one CLI run per step, then the comparison table and a sample grid.
+"""`make demo`: the whole workflow on ToyCanvas, one CLI run per step, then the comparison tables (objects, styles,
+sequential unlearning), a plot of the sequential one and a sample grid.
 
     python -m saemnesia.demo            # from the repository root; writes under runs/toy/ and runs/demo/
 
 Each step is exactly the command a user would type (`python cli.py <subcommand> -c <config> [overrides]`), run in
 this process. A completed step is skipped and an interrupted fit resumes (`--ckpt_path=last`), so a rerun goes on.
 
-Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation: the
+Two erasers are compared, each with its own statistics, parameter search, unlearning run and evaluation for the
+objects and again for the styles, and a sequential unlearning of the first 1, 2, 4 and 8 objects: the
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
 (a SAeUron-style baseline: latents chosen by importance score, a documented subset of the percentile × multiplier
 grid, `SAEURON_DEMO_GRID`). A last row reruns the supervised SAE's unlearning with the published error mode
@@ -24,10 +26,11 @@ from callbacks.sae_export import FIT_COMPLETE
 from cli import main as cli_main
 from saemnesia.class_params import SAEMNESIA_MULTIPLIERS, SAEMNESIA_PERCENTILE, ConceptParams, top_latents_percentile
 from saemnesia.concepts import NO_ERASURE
-from saemnesia.demo_report import report_table, write_sample_grid
+from saemnesia.demo_report import (report_table, sequential_table, style_table, write_sample_grid,
+                                   write_sequential_plot)
 from saemnesia.evaluation import RESULTS_JSON
 from saemnesia.io import atomic_write_text
-from saemnesia.toy import TOY_OBJECTS
+from saemnesia.toy import TOY_OBJECTS, TOY_STYLES
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/toy")
@@ -96,10 +99,48 @@ class DemoSetting:
     def erased(self) -> tuple[str, ...]:
         return self.objects or TOY_OBJECTS
 
-    def data(self, styles: bool = True) -> tuple[str, ...]:
-        """Overrides of a prompt data module: the objects, and the styles unless the config keeps its own."""
-        chosen = {"objects": self.objects, "styles": self.styles if styles else None}
+    @property
+    def erased_styles(self) -> tuple[str, ...]:
+        return self.styles or TOY_STYLES
+
+    @property
+    def sequential_steps(self) -> tuple[int, ...]:
+        """How many of the erased objects (in order) each sequential target erases at once."""
+        return tuple(n for n in (1, 2, 4, 8) if n <= len(self.erased))
+
+    def data(self, styles: bool = True, objects: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """Overrides of a prompt data module: the objects (or `objects`), and the styles unless the config keeps
+        its own."""
+        chosen = {"objects": objects or self.objects, "styles": self.styles if styles else None}
         return tuple(f"--data.init_args.{key}=[{', '.join(names)}]" for key, names in chosen.items() if names)
+
+    def search_data(self, part: Part) -> tuple[str, ...]:
+        """Prompt overrides of a search: the objects plainly, or two of them in every style (sweep_styles.yaml)."""
+        if part == STYLES:
+            return (*self.data(objects=self.erased[:2]), f"--data.init_args.targets=[{', '.join(self.erased_styles)}]")
+        return (*self.data(styles=False), f"--data.init_args.targets=[{', '.join(self.erased)}]")
+
+    def unlearning_data(self, part: Part, draws_unerased: bool) -> tuple[str, ...]:
+        """Prompt overrides of an unlearning run: its targets, every prompt of the selected objects and styles."""
+        if part == SEQUENTIAL:
+            return (*self.data(), f"--data.init_args.sequential=[{', '.join(self.erased)}]",
+                    f"--data.init_args.sequential_steps=[{', '.join(map(str, self.sequential_steps))}]")
+        targets = self.erased_styles if part == STYLES else (*self.erased, *([NO_ERASURE] if draws_unerased else []))
+        return (*self.data(), f"--data.init_args.targets=[{', '.join(targets)}]")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the benchmark table: the suffix of its configs and folders, and of the statistics it erases with."""
+
+    name: str
+    """`""` (objects: the toy configs' own names), `_styles` or `_sequential`."""
+    concepts: str
+    """Suffix of the statistics, search and class_params it uses: `""` (objects) or `_styles`."""
+
+
+OBJECTS, STYLES, SEQUENTIAL = Part("", ""), Part("_styles", "_styles"), Part("_sequential", "")
+"""Object unlearning, style unlearning, and sequential unlearning of objects (with the objects' statistics)."""
 
 
 @dataclass(frozen=True)
@@ -128,21 +169,17 @@ class Eraser:
         """A folder of the unlearning run or its evaluation, which the error mode tells apart."""
         return self.folder(kind if self.error_mode == "exact" else f"{kind}_{self.error_mode}")
 
-    @property
-    def stats(self) -> Path:
-        return self.folder("stats") / "concept_stats.safetensors"
+    def stats(self, part: Part = OBJECTS) -> Path:
+        return self.folder(f"stats{part.concepts}") / "concept_stats.safetensors"
 
-    @property
-    def class_params(self) -> Path:
-        return RUNS / f"class_params{self.suffix}.json"
+    def class_params(self, part: Part = OBJECTS) -> Path:
+        return RUNS / f"class_params{part.concepts}{self.suffix}.json"
 
-    @property
-    def images(self) -> Path:
-        return self.run_folder("unlearn") / "images"
+    def images(self, part: Part = OBJECTS) -> Path:
+        return self.run_folder(f"unlearn{part.name}") / "images"
 
-    @property
-    def results(self) -> Path:
-        return self.run_folder("evaluate") / RESULTS_JSON
+    def results(self, part: Part = OBJECTS) -> Path:
+        return self.run_folder(f"evaluate{part.name}") / RESULTS_JSON
 
 
 def compared_erasers(setting: DemoSetting) -> tuple[Eraser, Eraser, Eraser]:
@@ -156,9 +193,9 @@ def compared_erasers(setting: DemoSetting) -> tuple[Eraser, Eraser, Eraser]:
                     name="supervised, reference", draws_unerased=False, error_mode="reference"))
 
 
-def erasure_overrides(eraser: Eraser, **settings: object) -> tuple[str, ...]:
-    """`model.erasure` overrides: this eraser's SAE and statistics, plus `settings` (e.g. `multiplier=-5`)."""
-    settings = {"sae": eraser.sae, "stats": eraser.stats, **settings}
+def erasure_overrides(eraser: Eraser, part: Part = OBJECTS, **settings: object) -> tuple[str, ...]:
+    """`model.erasure` overrides: this eraser's SAE and the part's statistics, plus `settings` (e.g. `error_mode`)."""
+    settings = {"sae": eraser.sae, "stats": eraser.stats(part), **settings}
     return tuple(f"--model.init_args.erasure.{key}={value}" for key, value in settings.items())
 
 
@@ -168,40 +205,50 @@ def evaluation(title: str, images: Path, output_dir: Path, *overrides: str) -> S
                     f"--trainer.default_root_dir={output_dir}", *overrides)
 
 
-def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
-    """Statistics, the parameter search (docs/method.md §5), unlearning generation and evaluation with one SAE."""
-    stats = cli_step(f"{eraser.name}: concept statistics", "predict", "configs/toy/stats.yaml", eraser.stats,
-                     f"--trainer.callbacks.sae={eraser.sae}", f"--trainer.callbacks.output={eraser.stats}",
-                     f"--trainer.default_root_dir={eraser.stats.parent}", *setting.data(styles=False))
-    sweep = eraser.folder("sweep")
+def search_steps(eraser: Eraser, setting: DemoSetting, part: Part) -> list[Step]:
+    """Statistics of the part's concepts, and the parameter search (docs/method.md §5) with one SAE."""
+    stats = eraser.stats(part)
+    statistics = cli_step(f"{eraser.name}: concept statistics{part.name}", "predict",
+                          f"configs/toy/stats{part.concepts}.yaml", stats, f"--trainer.callbacks.sae={eraser.sae}",
+                          f"--trainer.callbacks.output={stats}", f"--trainer.default_root_dir={stats.parent}",
+                          *setting.data(styles=part == STYLES))
+    sweep = eraser.folder(f"sweep{part.concepts}")
     candidates = ", ".join(f"{{percentile: {c['percentile']}, multiplier: {c['multiplier']}}}" for c in eraser.grid)
-    search = cli_step(f"{eraser.name}: search of {len(eraser.grid)} candidates, generate", "predict",
-                      "configs/toy/sweep.yaml", sweep / "images/manifest.jsonl",
-                      *erasure_overrides(eraser), *setting.data(styles=False),
-                      f"--data.init_args.targets=[{', '.join(setting.erased)}]",
+    search = cli_step(f"{eraser.name}: search{part.name} of {len(eraser.grid)} candidates, generate", "predict",
+                      f"configs/toy/sweep{part.concepts}.yaml", sweep / "images/manifest.jsonl",
+                      *erasure_overrides(eraser, part), *setting.search_data(part),
                       f"--data.init_args.candidates=[{candidates}]",
                       f"--trainer.callbacks.output_dir={sweep / 'images'}", f"--trainer.default_root_dir={sweep}")
     # Done once the selection is written: it comes after the evaluation's results.json.
-    select = cli_step(f"{eraser.name}: search, evaluate and select", "test", "configs/toy/sweep_evaluate.yaml",
-                      eraser.class_params, f"--data.init_args.root={sweep / 'images'}",
-                      f"--model.init_args.output_dir={sweep}", f"--trainer.default_root_dir={sweep}",
-                      f"--trainer.callbacks.outputs=[{eraser.class_params}]",
+    select = cli_step(f"{eraser.name}: search{part.name}, evaluate and select", "test",
+                      "configs/toy/sweep_evaluate.yaml", eraser.class_params(part),
+                      f"--data.init_args.root={sweep / 'images'}", f"--model.init_args.output_dir={sweep}",
+                      f"--trainer.default_root_dir={sweep}",
+                      f"--trainer.callbacks.outputs=[{eraser.class_params(part)}]",
                       f"--trainer.callbacks.ties={setting.search_ties}")
-    return [stats, search, select, *unlearning_steps(eraser, setting)]
+    return [statistics, search, select]
 
 
-def unlearning_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
-    """Unlearning generation with the searched `class_params`, every target in turn, and its evaluation."""
-    unlearn_targets = (*setting.erased, NO_ERASURE) if eraser.draws_unerased else setting.erased
-    unlearn = cli_step(f"{eraser.name}: unlearning generation", "predict", "configs/toy/unlearn.yaml",
-                       eraser.images / "manifest.jsonl",
-                       *erasure_overrides(eraser, class_params=eraser.class_params, error_mode=eraser.error_mode),
-                       *setting.data(), f"--data.init_args.targets=[{', '.join(unlearn_targets)}]",
-                       f"--trainer.callbacks.output_dir={eraser.images}",
-                       f"--trainer.default_root_dir={eraser.images.parent}")
-    evaluate = evaluation(f"{eraser.name}: evaluation", eraser.images, eraser.results.parent,
-                          f"--trainer.logger.init_args.name={eraser.results.parent.name}")
+def unlearning_steps(eraser: Eraser, setting: DemoSetting, part: Part = OBJECTS) -> list[Step]:
+    """Unlearning generation of the part's targets with the searched `class_params`, and its evaluation."""
+    images = eraser.images(part)
+    unlearn = cli_step(f"{eraser.name}: unlearning{part.name}, generate", "predict",
+                       f"configs/toy/unlearn{part.name}.yaml", images / "manifest.jsonl",
+                       *erasure_overrides(eraser, part, class_params=eraser.class_params(part),
+                                          error_mode=eraser.error_mode),
+                       *setting.unlearning_data(part, eraser.draws_unerased and part == OBJECTS),
+                       f"--trainer.callbacks.output_dir={images}", f"--trainer.default_root_dir={images.parent}")
+    results = eraser.results(part)
+    evaluate = evaluation(f"{eraser.name}: unlearning{part.name}, evaluate", images, results.parent,
+                          f"--trainer.logger.init_args.name={results.parent.name}")
     return [unlearn, evaluate]
+
+
+def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
+    """Objects, then styles (each: statistics, search, unlearning, evaluation), then sequential unlearning."""
+    return [*search_steps(eraser, setting, OBJECTS), *unlearning_steps(eraser, setting, OBJECTS),
+            *search_steps(eraser, setting, STYLES), *unlearning_steps(eraser, setting, STYLES),
+            *unlearning_steps(eraser, setting, SEQUENTIAL)]
 
 
 def workflow(setting: DemoSetting) -> list[Step]:
@@ -235,20 +282,29 @@ def run(steps: list[Step]) -> None:
 
 
 def main(setting: DemoSetting = DemoSetting()) -> str:
-    """Run (or resume) the workflow, then write `runs/demo/report.md` and `samples.png`; returns the table."""
+    """Run (or resume) the workflow, then write `runs/demo/report.md` with its three tables, `sequential.png` and
+    `samples.png`; returns the tables."""
     started = time.perf_counter()
     run(workflow(setting))
     compared = compared_erasers(setting)
-    results = {eraser.label: json.loads(eraser.results.read_text()) for eraser in compared}
-    table = report_table(results, {eraser.label: len(eraser.grid) or None for eraser in compared})
-    unerased = next(eraser.images for eraser in compared if eraser.draws_unerased)
-    write_sample_grid(REPORT_DIR / "samples.png", unerased, {eraser.label: eraser.images for eraser in compared})
+    searched = [eraser for eraser in compared if eraser.grid]  # the erasers with styles and sequences of their own
+    results = {eraser.label: json.loads(eraser.results().read_text()) for eraser in compared}
+    styles, sequential = ({eraser.label: json.loads(eraser.results(part).read_text()) for eraser in searched}
+                          for part in (STYLES, SEQUENTIAL))
+    tables = (f"## Objects\n\n{report_table(results, {e.label: len(e.grid) or None for e in compared})}\n"
+              f"## Styles\n\n{style_table(styles)}\n## Sequential unlearning of objects\n\n"
+              f"{sequential_table(sequential)}")
+    write_sequential_plot(REPORT_DIR / "sequential.png", sequential)
+    unerased = next(eraser.images() for eraser in compared if eraser.draws_unerased)
+    write_sample_grid(REPORT_DIR / "samples.png", unerased, {eraser.label: eraser.images() for eraser in compared})
     columns = " | ".join(["no erasure", *(eraser.label for eraser in compared)])
-    atomic_write_text(REPORT_DIR / "report.md", f"# ToyCanvas demo\n\n{table}\n![One row per object: {columns}]"
-                      "(samples.png)\n")
-    print(f"\n{table}\nWritten to {REPORT_DIR / 'report.md'} and {REPORT_DIR / 'samples.png'} (columns: {columns}) "
-          f"in {time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {RUNS / 'logs'}", flush=True)
-    return table
+    atomic_write_text(REPORT_DIR / "report.md", f"# ToyCanvas demo\n\n{tables}\n"
+                      "![UA, IRA and CRA against the number of objects erased](sequential.png)\n\n"
+                      f"![One row per object: {columns}](samples.png)\n")
+    print(f"\n{tables}\nWritten to {REPORT_DIR / 'report.md'}, {REPORT_DIR / 'sequential.png'} and "
+          f"{REPORT_DIR / 'samples.png'} (columns: {columns}) in {time.perf_counter() - started:.0f} s; "
+          f"TensorBoard: tensorboard --logdir {RUNS / 'logs'}", flush=True)
+    return tables
 
 
 if __name__ == "__main__":

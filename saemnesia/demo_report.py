@@ -1,6 +1,7 @@
-"""What `make demo` shows at the end: the comparison table and a grid of original and erased samples.
+"""What `make demo` shows at the end: the comparison tables (objects, styles, sequential), a line plot of sequential
+unlearning and a grid of original and erased samples.
 
-Both read only the evaluation's `results.json` and the unlearning runs' `manifest.jsonl`, so they can be rebuilt
+All read only the evaluations' `results.json` and the unlearning runs' `manifest.jsonl`, so they can be rebuilt
 from the run folders at any time.
 """
 
@@ -13,6 +14,7 @@ from statistics import mean
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure  # a Figure without pyplot needs no display backend
 from PIL import Image
 
 from datamodules.images import ImageRecord, load_image, read_manifest
@@ -39,6 +41,46 @@ def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Ma
     lines += [f"| {label} | {100 * scores['UA']:.1f} | {100 * scores['IRA']:.1f} | {100 * scores['CRA']:.1f} | {runs} |"
               for label, scores, runs in rows]
     return "\n".join(lines) + "\n"
+
+
+def style_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table, in %: each eraser's mean style-unlearning scores (UA and IRA by style, CRA by object)."""
+    lines = ["| eraser | UA | IRA | CRA |", "|---|---|---|---|"]
+    lines += [f"| {label} | {_percent_cells(result['styles'])} |" for label, result in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def sequential_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table, in %: per eraser and number n of erased objects, UA over the erased, IRA over the rest, CRA."""
+    lines = ["| eraser | objects erased | UA | IRA | CRA |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {len(row['erased'])} | {_percent_cells(row)} |"
+              for label, result in results.items() for row in result["sequential"]]
+    return "\n".join(lines) + "\n"
+
+
+def _percent_cells(scores: Mapping[str, Any]) -> str:
+    return " | ".join("–" if scores[key] is None else f"{100 * scores[key]:.1f}" for key in ("UA", "IRA", "CRA"))
+
+
+def write_sequential_plot(path: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
+    """PNG: UA, IRA and CRA (%) against the number of objects erased at once, one line per eraser."""
+    figure = Figure(figsize=(10, 3.2))
+    axes = figure.subplots(1, 3, sharex=True)
+    for label, result in results.items():
+        counts = [len(row["erased"]) for row in result["sequential"]]
+        for axis, key in zip(axes, ("UA", "IRA", "CRA")):
+            axis.plot(counts, [100 * (row[key] if row[key] is not None else float("nan"))
+                               for row in result["sequential"]], marker="o", label=label)
+    for axis, key in zip(axes, ("UA", "IRA", "CRA")):
+        axis.set(title=key, xlabel="objects erased", ylim=(0, 102))
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def sample_prompts(records: list[ImageRecord]) -> dict[str, tuple[str | None, int]]:

@@ -148,15 +148,16 @@ def _section(table: AccuracyTable, erased: dict[str, list[str]]) -> dict[str, An
 
 
 def summarize(table: AccuracyTable, erased_by_target: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """The report: `objects` (single-object erasure), `styles` (single-style erasure), `sequential` (several
-    concepts, by number erased) and `reference` (no erasure); absent kinds are `None` (or `[]`)."""
+    """The report: `objects` (single-object erasure), `styles` (single-style erasure), `sequential` (the targets of
+    a sequence, `first_{n:02d}`, by number erased, n = 1 included) and `reference` (no erasure); absent kinds are
+    `None` (or `[]`). A single erasure's target is named after its concept."""
     reference = [target for target, names in erased_by_target.items() if not names]
     if len(reference) > 1:
         raise ValueError(f"Targets {reference} all erase nothing; keep one reference (no-erasure) target.")
-    single = {target: list(names) for target, names in erased_by_target.items() if len(names) == 1}
+    single = {target: list(names) for target, names in erased_by_target.items() if list(names) == [target]}
     objects = {target: names for target, names in single.items() if names[0] in table.objects}
     styles = {target: names for target, names in single.items() if target not in objects}
-    several = sorted((target for target, names in erased_by_target.items() if len(names) > 1),
+    several = sorted((target for target, names in erased_by_target.items() if names and target not in single),
                      key=lambda target: (len(erased_by_target[target]), target))
     return {
         "objects": _section(table, objects) if objects else None,

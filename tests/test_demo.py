@@ -13,8 +13,8 @@ from PIL import Image
 
 from callbacks.class_params_selector import select_class_params
 from cli import main as cli_main
-from saemnesia.demo import (REPO, REPORT_DIR, TOP_LATENTS_PERCENTILES, DemoSetting, compared_erasers, erasure_overrides,
-                            main)
+from saemnesia.demo import (REPO, REPORT_DIR, SEQUENTIAL, STYLES, TOP_LATENTS_PERCENTILES, DemoSetting,
+                            compared_erasers, erasure_overrides, main)
 from saemnesia.toy import ASSETS_DIR, TOY_PIPELINE_DIR
 
 MIN_MEAN_DROP = 0.5  # mean over targets of the erased object's accuracy drop against the unerased images
@@ -46,7 +46,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 def test_supervised_eraser_removes_the_target_and_spares_the_rest(demo_run):
     workdir, _ = demo_run
     _, supervised, _ = compared_erasers(SETTING)
-    results = json.loads((workdir / supervised.results).read_text())
+    results = json.loads((workdir / supervised.results()).read_text())
     reference = results["reference"]["per_object"]  # accuracy per object without erasure
     assert set(results["objects"]["per_target"]) == set(OBJECTS)
     drops = []
@@ -59,14 +59,34 @@ def test_supervised_eraser_removes_the_target_and_spares_the_rest(demo_run):
     assert mean(drops) >= MIN_MEAN_DROP, drops
 
 
+def test_supervised_eraser_removes_each_style_and_each_sequence(demo_run):
+    workdir, _ = demo_run
+    _, supervised, _ = compared_erasers(SETTING)
+    reference = json.loads((workdir / supervised.results()).read_text())["reference"]["per_style"]
+    styles = json.loads((workdir / supervised.results(STYLES)).read_text())["styles"]
+    assert set(styles["per_target"]) == set(SETTING.styles)
+    drops = []
+    for target, scores in styles["per_target"].items():
+        drops.append(reference[target] - (1 - scores["UA"]))
+        others = mean(reference[style] for style in SETTING.styles if style != target)
+        assert scores["IRA"] >= others - MAX_COLLATERAL, (target, scores["IRA"], others)
+    assert mean(drops) >= MIN_MEAN_DROP, drops
+    sequential = json.loads((workdir / supervised.results(SEQUENTIAL)).read_text())["sequential"]
+    assert [row["erased"] for row in sequential] == [list(OBJECTS[:n]) for n in (1, 2, 4)]
+    assert all(row["UA"] >= MIN_MEAN_DROP for row in sequential), sequential
+    with Image.open(workdir / REPORT_DIR / "sequential.png") as plot:
+        assert plot.size == (1000, 320)
+
+
 def test_report_table_and_sample_grid(demo_run):
-    workdir, table = demo_run
+    workdir, tables = demo_run
+    table = tables.split("## Styles")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| eraser")]
     assert [row.split(" | ")[0] for row in rows] == ["| no erasure", "| unsupervised SAE (SAeUron-style)",
                                                      "| supervised SAE (SAEmnesia)",
                                                      "| same SAE and multipliers, `error_mode: reference`"]
     assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |", "– |"]  # candidates of each search
-    assert table in (workdir / REPORT_DIR / "report.md").read_text()
+    assert tables in (workdir / REPORT_DIR / "report.md").read_text()
     with Image.open(workdir / REPORT_DIR / "samples.png") as grid:
         assert grid.size == (4 * 32 * 4, len(OBJECTS) * 32 * 4)  # 4 columns, one row per object, enlarged 4×
 

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from saemnesia.demo import REPO, TOY_NUM_LATENTS
-from saemnesia.demo_report import no_erasure_scores, report_table, write_sample_grid
+from saemnesia.demo_report import (no_erasure_scores, report_table, sequential_table, style_table,
+                                   write_sample_grid, write_sequential_plot)
 from saemnesia.toy import TOY_PIPELINE_DIR
 
 OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)
@@ -26,6 +27,20 @@ def test_report_table_rows_in_percent():
     rows = report_table(results, {"baseline": 6, "ours": 7, "ours, other mode": None}).splitlines()
     assert rows[2:] == ["| no erasure | 20.0 | 80.0 | 75.0 | – |", "| baseline | 50.0 | 62.5 | 70.0 | 6 |",
                         "| ours | 95.0 | 90.0 | 85.0 | 7 |", "| ours, other mode | 100.0 | 50.0 | 62.5 | – |"]
+
+
+def test_style_and_sequential_tables_in_percent_and_the_plot(tmp_path):
+    styles = {"baseline": {"styles": {"UA": 0.5, "IRA": 0.875, "CRA": None}}, "ours": {"styles": {
+        "UA": 1.0, "IRA": 0.9375, "CRA": 0.95}}}
+    assert style_table(styles).splitlines()[2:] == ["| baseline | 50.0 | 87.5 | – |",
+                                                    "| ours | 100.0 | 93.8 | 95.0 |"]
+    rows = [{"erased": ["A"], "UA": 1.0, "IRA": 0.5, "CRA": 0.25}, {"erased": ["A", "B"], "UA": 0.75, "IRA": None,
+                                                                     "CRA": 0.125}]
+    sequential = {"ours": {"sequential": rows}}
+    assert sequential_table(sequential).splitlines()[2:] == ["| ours | 1 | 100.0 | 50.0 | 25.0 |",
+                                                             "| ours | 2 | 75.0 | – | 12.5 |"]
+    with Image.open(write_sequential_plot(tmp_path / "plot.png", sequential)) as plot:
+        assert plot.format == "PNG" and plot.size == (1000, 320)
 
 
 def colour(target: str, obj: str, folder: int) -> tuple[int, int, int]:

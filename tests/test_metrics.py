@@ -70,20 +70,24 @@ def counts_of(rows: list[tuple], targets: list[str]) -> UnlearningCounts:
 
 
 def test_style_sequential_and_reference_variants():
-    # The same images read as other kinds of erasure: target A as the erasure of style s1, target B as the
-    # sequential erasure of A and B, and a copy of target B's images as the reference.
-    targets = ["A", "B", "ref"]
-    rows = ROWS + [("ref", *row[1:]) for row in ROWS if row[0] == "B"]
+    # The same images read as other kinds of erasure: target A's images (labelled s1) as the erasure of style s1,
+    # target B as the sequential erasure of A and B, and a copy of target B's images as the reference.
+    targets = ["s1", "B", "ref"]
+    rows = [("s1" if row[0] == "A" else row[0], *row[1:]) for row in ROWS]
+    rows += [("ref", *row[1:]) for row in ROWS if row[0] == "B"]
     table = AccuracyTable(targets, OBJECTS, STYLES, counts_of(rows, targets).compute())
-    report = summarize(table, {"A": ["s1"], "B": ["A", "B"], "ref": []})
+    report = summarize(table, {"s1": ["s1"], "B": ["A", "B"], "ref": []})
     assert report["objects"] is None
-    # Style erasure of s1 in A: UA = 1 − 3/3 = 0, IRA = acc(s2) = 2/3, CRA = mean class accuracy (1/3 + 1 + 2/3)/3.
+    # Style erasure of s1: UA = 1 − 3/3 = 0, IRA = acc(s2) = 2/3, CRA = mean class accuracy (1/3 + 1 + 2/3)/3.
     assert_scores_close(report["styles"], {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3,
-                                           "per_target": {"A": {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3}}})
+                                           "per_target": {"s1": {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3}}})
     # Sequential erasure of A and B in B: UA = ((1 − 1) + (1 − 0))/2 = 1/2, IRA = acc(C) = 2/3, CRA = 2/3.
     assert len(report["sequential"]) == 1
     assert_scores_close(report["sequential"][0], {"UA": 0.5, "IRA": 2 / 3, "CRA": 2 / 3})
     assert report["sequential"][0]["erased"] == ["A", "B"]
+    # A sequence's first step erases one concept, yet it is a row of the sequence, not an object target.
+    first = summarize(table, {"s1": ["s1"], "B": ["A"], "ref": []})
+    assert first["objects"] is None and [row["erased"] for row in first["sequential"]] == [["A"]]
     # Reference = B's images: class accuracies 1, 0, 2/3 and style accuracies 2/3, 2/3.
     assert_scores_close(report["reference"], {"object_accuracy": 5 / 9, "style_accuracy": 2 / 3,
                                               "per_object": {"A": 1.0, "B": 0.0, "C": 2 / 3},

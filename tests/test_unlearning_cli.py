@@ -97,8 +97,8 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
     assert [record["file"] for record in records] == sorted(EXPECTED_FILES)
     assert {path.relative_to(IMAGES).as_posix() for path in IMAGES.rglob("*.jpg")} == EXPECTED_FILES
     assert records[0] == {"file": "Circle/Circle_seed0.jpg", "target": "Circle", "erased": ["Circle"],
-                          "candidate": None, "prompt_id": "Circle-plain-000-s0", "prompt": "An image of Circle.", "object": "Circle",
-                          "style": None, "seed": 0}
+                          "candidate": None, "prompt_id": "Circle-plain-000-s0", "prompt": "An image of Circle.",
+                          "object": "Circle", "style": None, "seed": 0}
     assert {(r["target"], tuple(r["erased"])) for r in records} == {("Circle", ("Circle",)), ("Square", ("Square",)),
                                                                     ("none", ())}
     assert all(r["prompt"] == PROMPTS[r["object"], r["style"]] for r in records)
