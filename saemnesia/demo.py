@@ -88,9 +88,9 @@ class DemoSetting:
     supervised_steps: int | None = None
     """Training steps of the supervised fine-tuning."""
     saemnesia_multipliers: tuple[float, ...] = SAEMNESIA_MULTIPLIERS
-    """SAEmnesia's search: one run per multiplier at percentile 99.999 (one latent)."""
+    """SAEmnesia's search: one candidate per multiplier at percentile 99.999 (one latent)."""
     baseline_grid: tuple[ConceptParams, ...] = SAEURON_DEMO_GRID
-    """The unsupervised baseline's search: one run per `{percentile, multiplier}`."""
+    """The unsupervised baseline's search: its `{percentile, multiplier}` candidates."""
     search_ties: Ties = "stronger"
     """`ClassParamsSelector.ties` of both searches. Their validation sets are small, so many multipliers tie; how
     the milder choice compares is measured in docs/toycanvas.md, "Ties"."""
