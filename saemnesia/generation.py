@@ -4,7 +4,8 @@
 Every image gets its own noise generator seeded from `(seed, prompt_id)`, so an image does not depend on which
 other prompts share its batch, nor on the number of processes, nor on what is erased. Each item names the concepts
 erased while it is generated (`PromptItem.erase`) and, in a parameter search, the candidate they are erased with
-(`PromptItem.candidate`); a batch mixing erasures is generated one erasure at a time.
+(`PromptItem.candidate`); a batch mixing erasures is generated in one pipeline call, each eraser rewriting the rows
+of its own items, so a search's many small erasure groups still fill whole batches.
 The diffusers pipeline and the erasure SAE are plain attributes, not registered submodules: Lightning neither wraps
 nor broadcasts them, and the module has no parameters to train.
 """
@@ -98,6 +99,28 @@ def image_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+class RowErasure(NamedTuple):
+    """One eraser of a batch and the batch positions of the items it erases."""
+
+    eraser: ConceptEraser
+    positions: Tensor
+    """int64 `[b]` positions in the batch of prompt items, on the block output's device."""
+
+
+def erase_rows(hidden: Tensor, context: HookContext, erasures: list[RowErasure]) -> Tensor:
+    """The block output `[R, C, H, W]` with each eraser applied to its items' rows in every CFG half (R = 2B with
+    guidance: diffusers stacks `[uncond; cond]`); rows of items that erase nothing are left as they are."""
+    halves = 2 if context.do_cfg else 1
+    batch = hidden.shape[0] // halves
+    if len(erasures) == 1 and len(erasures[0].positions) == batch:  # one eraser for the whole batch: no gather
+        return erasures[0].eraser.apply(hidden, context.step)
+    out = hidden.clone()
+    for eraser, positions in erasures:
+        rows = torch.cat([positions + half * batch for half in range(halves)])  # [halves·b]
+        out[rows] = eraser.apply(hidden[rows], context.step)
+    return out
+
+
 class HookedDiffusion(pl.LightningModule):
     """Generates a batch of prompt items with a local diffusers pipeline, capturing and/or erasing at a hookpoint."""
 
@@ -167,52 +190,45 @@ class HookedDiffusion(pl.LightningModule):
                              "statistics and class_params to erase with.")
         return self.erasers.eraser_for(erase, candidate)
 
-    def _on_block_output(self, eraser: ConceptEraser | None, capture: ActivationCapture | None, hidden: Tensor,
-                         context: HookContext) -> Tensor | None:
-        if eraser is not None:
-            hidden = eraser.apply(hidden, context.step)
-        if capture is not None:
-            capture(hidden, context)
-        return hidden if eraser is not None else None
-
     @torch.no_grad()
     def generate(self, items: list[PromptItem]) -> GenerationOutput:
-        """Generate one batch of prompt items (call `setup` first when not run by a Trainer).
+        """Generate one batch of prompt items in one pipeline call (call `setup` first when not run by a Trainer).
 
-        Items are grouped by erasure (erased set and candidate) and each group is generated with its own eraser; the
-        outputs come back in the order of `items` (each image's noise is its own, so grouping changes nothing but
-        rounding).
+        Items are grouped by erasure (erased set and candidate); at every UNet call each group's eraser rewrites its
+        items' rows of the block output, and the items that erase nothing pass through untouched. A row's values do
+        not depend on the other rows (each image has its own noise), so mixing erasures changes nothing but
+        rounding.
         """
         if self.pipe is None:
             raise RuntimeError("HookedDiffusion.generate needs the pipeline: call setup('predict') first.")
         groups: dict[tuple[tuple[str, ...], Candidate | None], list[int]] = {}
         for position, item in enumerate(items):
             groups.setdefault((item.erase, item.candidate), []).append(position)
-        results = [self._generate_group([items[position] for position in positions], self.eraser_for(*erasure))
-                   for erasure, positions in groups.items()]
-        # Row i of the concatenated groups holds item grouped_order[i]; argsort inverts that permutation.
-        batch_order = torch.tensor([position for positions in groups.values() for position in positions]).argsort()
-        images = torch.cat([images for images, _ in results])[batch_order]  # [B, ...]
-        captures = [capture for _, capture in results if capture is not None]
-        steps = sorted(captures[0].tokens) if captures else []
-        activations = torch.cat([capture.stack() for capture in captures])[batch_order] if captures else None
-        return GenerationOutput(items=list(items), activations=activations, steps=steps,
-                                timesteps=[int(self.pipe.scheduler.timesteps[step]) for step in steps], images=images)
-
-    def _generate_group(self, items: list[PromptItem],
-                        eraser: ConceptEraser | None) -> tuple[Tensor, ActivationCapture | None]:
-        """Final latents or images `[b, ...]` (float32, CPU) of items sharing one eraser, and their capture."""
+        erasures = [RowErasure(eraser, torch.tensor(positions, device=self.device))
+                    for erasure, positions in groups.items() if (eraser := self.eraser_for(*erasure)) is not None]
         # CPU generators: the noise is also independent of the device (diffusers moves it after drawing).
         generators = [torch.Generator().manual_seed(image_seed(item.seed, item.prompt_id)) for item in items]
         capture = self.capture.new_capture() if self.capture is not None else None
-        hooked = capture is not None or eraser is not None
-        on_output = partial(self._on_block_output, eraser, capture)
+        hooked = capture is not None or bool(erasures)
+        on_output = partial(self._on_block_output, erasures, capture)
         with hook_block(self.pipe, self.hparams.hookpoint, on_output) if hooked else nullcontext():
             images = self.pipe([item.prompt for item in items], num_inference_steps=self.hparams.num_steps,
                                guidance_scale=self.hparams.guidance_scale, height=self.hparams.height,
                                width=self.hparams.width, generator=generators,
                                output_type="latent" if self.hparams.output_type == "latent" else "pt").images
-        return images.float().cpu(), capture
+        steps = sorted(capture.tokens) if capture is not None else []
+        return GenerationOutput(items=list(items), activations=capture.stack() if capture is not None else None,
+                                steps=steps, timesteps=[int(self.pipe.scheduler.timesteps[step]) for step in steps],
+                                images=images.float().cpu())
+
+    @staticmethod
+    def _on_block_output(erasures: list[RowErasure], capture: ActivationCapture | None, hidden: Tensor,
+                         context: HookContext) -> Tensor | None:
+        if erasures:
+            hidden = erase_rows(hidden, context, erasures)
+        if capture is not None:
+            capture(hidden, context)
+        return hidden if erasures else None
 
     def predict_step(self, batch: list[PromptItem], batch_idx: int, dataloader_idx: int = 0) -> GenerationOutput:
         return self.generate(batch)

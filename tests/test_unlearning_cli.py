@@ -103,16 +103,18 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
                                                                     ("none", ())}
     assert all(r["prompt"] == PROMPTS[r["object"], r["style"]] for r in records)
 
-    # `none` items are generated without any hook: the same batches of an unhooked module give the same JPEG bytes.
+    # `none` items pass the hook untouched: the same batches of an unhooked module, nothing erased, give the same
+    # JPEG bytes (each row of a batch is computed on its own).
     items = PromptDataModule(TOY_VOCABULARY, objects=["Circle", "Square"], styles=["Pop_Art"], seeds=(0,),
                              targets=["Circle", "Square", "none"], template="An image of {object}").items
     unhooked = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
                                guidance_scale=7.5, output_type="image")
     unhooked.setup("predict")
     for start in range(0, len(items), 3):
-        baseline = [item for item in items[start:start + 3] if item.target == "none"]
-        if baseline:
-            for item, image in zip(baseline, unhooked.generate(baseline).images):
+        batch = items[start:start + 3]
+        images = unhooked.generate([item._replace(erase=()) for item in batch]).images
+        for item, image in zip(batch, images):
+            if item.target == "none":
                 assert (IMAGES / image_file(item)).read_bytes() == jpeg_bytes(image), item
     # Erasure changes every erased image (a random SAE has no concept-specific latents, so all prompts change).
     for obj, style in PROMPTS:
@@ -120,6 +122,25 @@ def test_images_manifest_erasure_per_target_and_none_unhooked(toy_cwd):
         for target in ("Circle", "Square"):
             difference = np.abs(pixels(IMAGES / target / name) - pixels(IMAGES / "none" / name)).mean()
             assert difference > 1.0, (target, name, difference)
+
+
+def test_a_batch_mixing_erasures_gives_each_item_the_image_of_its_own_erasure(toy_cwd):
+    erasure = ErasureConfig(sae="runs/toy/sae_supervised", stats="runs/toy/stats/concept_stats.safetensors",
+                            class_params="runs/toy/class_params.json")
+    module = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
+                             guidance_scale=7.5, capture=CaptureConfig(halves="uncond"), erasure=erasure)
+    module.setup("predict")
+    items = PromptDataModule(TOY_VOCABULARY, objects=["Circle", "Square"], styles=[], seeds=(0,),
+                             targets=["Circle", "none", "Square"]).items
+    mixed = [items[i] for i in (0, 2, 4, 1, 5, 3)]  # Circle, none, Square, Circle, Square, none
+    together = module.generate(mixed)
+    for erasure_items in ([i for i in mixed if i.target == target] for target in ("Circle", "Square", "none")):
+        alone = module.generate(erasure_items)
+        rows = [mixed.index(item) for item in erasure_items]
+        # Batched kernels may round differently (~1e-5); another erasure changes the image by far more.
+        torch.testing.assert_close(together.images[rows], alone.images, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(together.activations[rows], alone.activations, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(together.images[0], together.images[1], atol=1e-2)  # Circle erased vs unerased
 
 
 def test_a_search_candidate_sets_every_erased_concept_without_class_params(toy_cwd):
