@@ -23,6 +23,11 @@ EncoderBackward = Literal["sparse", "dense"]
 ENCODER_BACKWARDS: tuple[str, ...] = get_args(EncoderBackward)
 
 
+CANDIDATES_PER_TOKEN = 2
+"""Candidates per token of a pooled TopK, in units of k (`_pool_topk`). A batch TopK keeps k entries per token on
+average; the top 2k of each bound its threshold closely enough that few more than `k·n` entries lie above it."""
+
+
 @dataclass
 class SaeConfig:
     """Architecture of a sparse autoencoder; the field names are those of the published `cfg.json`."""
@@ -138,14 +143,40 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.sample_topk and pre_acts.ndim < 3:
             raise ValueError(f"sample_topk needs inputs shaped [B, N, d]; got {pre_acts.ndim - 1} dims before L.")
         tokens = pre_acts.shape[-2] if self.cfg.sample_topk else pre_acts.numel() // self.num_latents  # per pool
-        pools = pre_acts.reshape(-1, tokens * self.num_latents)  # [P, n·L], token-major
         keep = self.cfg.k if self.cfg.sample_topk else self.cfg.k * tokens
-        acts, flat = pools.topk(keep, dim=-1, sorted=False)  # [P, keep]; flat = token·L + latent within the pool
-        flat = flat + torch.arange(0, pools.numel(), pools.shape[1], device=flat.device)[:, None]  # [P, keep] global
+        acts, flat = self._pool_topk(pre_acts.reshape(-1, tokens, self.num_latents), keep)  # [P, keep] each
+        flat = flat + torch.arange(0, pre_acts.numel(), tokens * self.num_latents, device=flat.device)[:, None]
         flat, order = flat.flatten().sort()  # [P·keep], grouped by token as the embedding bag needs
         token = flat // self.num_latents
-        offsets = torch.searchsorted(token, torch.arange(pools.numel() // self.num_latents, device=token.device))
+        offsets = torch.searchsorted(token, torch.arange(pre_acts.numel() // self.num_latents, device=token.device))
         return SparseCode(acts.flatten()[order], flat % self.num_latents, offsets)
+
+    def _pool_topk(self, pools: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+        """The `keep` largest entries of each pool of tokens `[P, n, L]`: values and `token·L + latent` within the
+        pool, each `[P, keep]`, in no order.
+
+        Each token's top `m = CANDIDATES_PER_TOKEN · k` latents are its candidates. A sample TopK keeps `k ≤ m` per
+        pool, which no token's candidates can miss, so it selects among them. A batch TopK (one pool) can take more
+        than `m` entries of one token, so the candidates only bound it from below: the pool's `keep`-th largest
+        candidate is at most its `keep`-th largest entry, every entry above that bound is gathered (a little more
+        than `keep`), and the top-k runs over those. On a CPU that is 4 times faster than a top-k over all `n·L`
+        entries at L = 1024; it reads the gathered count on the host, which would stall an accelerator's stream at
+        every step, so there the top-k runs over all entries.
+        """
+        num_latents = pools.shape[-1]
+        per_token = min(num_latents, keep, CANDIDATES_PER_TOKEN * self.cfg.k)
+        candidates, latents = pools.topk(per_token, dim=-1, sorted=False)  # [P, n, m]
+        if per_token in (num_latents, keep):  # a sample TopK, or every entry a candidate
+            acts, chosen = candidates.flatten(1).topk(keep, dim=-1, sorted=False)  # [P, keep]; token·m + slot
+            return acts, (chosen // per_token) * num_latents + latents.flatten(1).gather(1, chosen)
+        entries = pools.flatten()  # [n·L]: a batch TopK's single pool
+        if entries.device.type != "cpu":
+            acts, flat = entries.topk(keep, sorted=False)
+            return acts[None], flat[None]
+        bound = candidates.flatten().topk(keep, sorted=False).values.min()
+        above = (entries >= bound).nonzero().squeeze(1)  # [M ≥ keep] positions in the pool
+        acts, chosen = entries[above].topk(keep, sorted=False)  # [keep]
+        return acts[None], above[chosen][None]
 
     # -- decoding -------------------------------------------------------------------------------------------
     def decode(self, top_acts: Tensor, top_indices: Tensor, offsets: Tensor | None = None) -> Tensor:

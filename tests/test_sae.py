@@ -63,6 +63,22 @@ def test_batch_topk_keeps_k_times_n_largest_over_the_batch():
     assert torch.equal(out.latent_offsets, code.offsets) and torch.equal(out.latent_indices, code.indices)
 
 
+@pytest.mark.parametrize("crowded", [False, True])
+def test_batch_topk_is_exact_when_one_token_holds_more_than_its_candidates(crowded):
+    """Each token offers its top 2k latents as candidates; a token with more entries than that among the batch's top
+    k·N (here token 0, all of whose 24 entries exceed every other token's) must not lose them."""
+    sae = make_sae(k=1, batch_topk=True)
+    torch.manual_seed(1)
+    pre = torch.rand(8, 24, dtype=torch.float64)  # [N, L]; k·N = 8 kept, 2 candidates per token
+    if crowded:
+        pre[0] += 10.0
+    code = sae.training_topk(pre)
+    threshold = pre.flatten().sort(descending=True).values[7]
+    dense = dense_code(code.acts, code.indices, 24, code.offsets)
+    torch.testing.assert_close(dense, torch.where(pre >= threshold, pre, 0.0))
+    assert (dense[0] > 0).sum() == (8 if crowded else (pre[0] >= threshold).sum())
+
+
 def test_sample_topk_keeps_k_per_sample():
     sae = make_sae(sample_topk=True)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
