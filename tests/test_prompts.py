@@ -150,6 +150,16 @@ def test_bad_selections_fail_with_one_sentence(tmp_path):
         PromptDataModule(clashing, include_plain=False, seeds=(188,))
     with pytest.raises(ValueError, match=r"Prompt ids \['Mr\.Bear-plain-000-s188'\]"):
         PromptDataModule(ConceptVocabulary(objects=("Mr.Bear",)))
+    with pytest.raises(ValueError, match=r"data.sequential \['Horses'\] are not concepts of the vocabulary"):
+        PromptDataModule(VOCABULARY, sequential=["Bears", "Horses"], sequential_steps=[1, 2])
+    with pytest.raises(ValueError, match=r"data.sequential repeats \['Bears'\]; name each concept once"):
+        PromptDataModule(VOCABULARY, sequential=["Bears", "Bears"], sequential_steps=[1])
+    with pytest.raises(ValueError, match=r"data.sequential_steps must be distinct counts in 1..2 \(the length of "
+                                         r"data.sequential\), got \[1, 4\]"):
+        PromptDataModule(VOCABULARY, sequential=["Bears", "Cats"], sequential_steps=[1, 4])
+    with pytest.raises(ValueError, match="data.sequential .the order. and data.sequential_steps .how many of it to "
+                                         "erase. go together"):
+        PromptDataModule(VOCABULARY, sequential=["Bears", "Cats"])
     with pytest.raises(ValueError, match=r"data.candidates repeats \['p99.999_m-5'\] \(folder names"):
         PromptDataModule(VOCABULARY, targets=["Bears"], candidates=[{"percentile": 99.999, "multiplier": -5}] * 2)
     with pytest.raises(ValueError, match=r"data.candidates\[1\]: the entry of 'candidate' must have 'percentile'"):
