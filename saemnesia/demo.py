@@ -10,15 +10,15 @@ Two erasers are compared, each with its own statistics, parameter search, unlear
 objects and again for the styles, and a sequential unlearning of the first 1, 2, 4 and 8 objects: the
 supervised SAE (SAEmnesia: one latent per concept, 7 multipliers) and the unsupervised SAE it was fine-tuned from
 (a SAeUron-style baseline: latents chosen by importance score, a documented subset of the percentile × multiplier
-grid, `SAEURON_DEMO_GRID`). A last row reruns the supervised SAE's unlearning with the published error mode
-(`error_mode: reference`, docs/method.md §4), with the statistics and multipliers its exact-mode search chose.
+grid, `SAEURON_DEMO_GRID`). Both erase in `error_mode: exact`; the published error mode (`reference`,
+docs/method.md §4) is measured in docs/toycanvas.md, with the command that reruns it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from callbacks.class_params_selector import Ties
@@ -115,9 +115,10 @@ class DemoSetting:
         return tuple(f"--data.init_args.{key}=[{', '.join(names)}]" for key, names in chosen.items() if names)
 
     def search_data(self, part: Part) -> tuple[str, ...]:
-        """Prompt overrides of a search: the objects plainly, or two of them in every style (sweep_styles.yaml)."""
+        """Prompt overrides of a search: the objects plainly, or the first of them in every style
+        (sweep_styles.yaml)."""
         if part == STYLES:
-            return (*self.data(objects=self.erased[:2]), f"--data.init_args.targets=[{', '.join(self.erased_styles)}]")
+            return (*self.data(objects=self.erased[:1]), f"--data.init_args.targets=[{', '.join(self.erased_styles)}]")
         return (*self.data(styles=False), f"--data.init_args.targets=[{', '.join(self.erased)}]")
 
     def unlearning_data(self, part: Part, draws_unerased: bool) -> tuple[str, ...]:
@@ -159,15 +160,9 @@ class Eraser:
     """Candidate `{percentile, multiplier}` of the search, all generated in one run."""
     draws_unerased: bool
     """Also generate the unerased images (target `none`); once is enough, with one eraser."""
-    error_mode: str = "exact"
-    """`model.erasure.error_mode` of the unlearning run (the search always runs `exact`, as the configs)."""
 
     def folder(self, kind: str) -> Path:
         return RUNS / f"{kind}{self.suffix}"
-
-    def run_folder(self, kind: str) -> Path:
-        """A folder of the unlearning run or its evaluation, which the error mode tells apart."""
-        return self.folder(kind if self.error_mode == "exact" else f"{kind}_{self.error_mode}")
 
     def stats(self, part: Part = OBJECTS) -> Path:
         return self.folder(f"stats{part.concepts}") / "concept_stats.safetensors"
@@ -176,25 +171,22 @@ class Eraser:
         return RUNS / f"class_params{part.concepts}{self.suffix}.json"
 
     def images(self, part: Part = OBJECTS) -> Path:
-        return self.run_folder(f"unlearn{part.name}") / "images"
+        return self.folder(f"unlearn{part.name}") / "images"
 
     def results(self, part: Part = OBJECTS) -> Path:
-        return self.run_folder(f"evaluate{part.name}") / RESULTS_JSON
+        return self.folder(f"evaluate{part.name}") / RESULTS_JSON
 
 
-def compared_erasers(setting: DemoSetting) -> tuple[Eraser, Eraser, Eraser]:
-    """The table's erasers, in order: the unsupervised baseline, the supervised SAE, then the supervised SAE's
-    statistics and searched parameters unlearning with the published `error_mode: reference`."""
+def compared_erasers(setting: DemoSetting) -> tuple[Eraser, Eraser]:
+    """The table's erasers, in order: the unsupervised baseline, then the supervised SAE."""
     saemnesia_grid = tuple({"percentile": SAEMNESIA_PERCENTILE, "multiplier": m} for m in setting.saemnesia_multipliers)
-    supervised = Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True)
     return (Eraser("unsupervised SAE (SAeUron-style)", RUNS / "sae", "unsupervised", "_unsupervised",
-                   setting.baseline_grid, False), supervised,
-            replace(supervised, label="same SAE and multipliers, `error_mode: reference`", grid=(),
-                    name="supervised, reference", draws_unerased=False, error_mode="reference"))
+                   setting.baseline_grid, False),
+            Eraser("supervised SAE (SAEmnesia)", RUNS / "sae_supervised", "supervised", "", saemnesia_grid, True))
 
 
 def erasure_overrides(eraser: Eraser, part: Part = OBJECTS, **settings: object) -> tuple[str, ...]:
-    """`model.erasure` overrides: this eraser's SAE and the part's statistics, plus `settings` (e.g. `error_mode`)."""
+    """`model.erasure` overrides: this eraser's SAE and the part's statistics, plus `settings` (`class_params`)."""
     settings = {"sae": eraser.sae, "stats": eraser.stats(part), **settings}
     return tuple(f"--model.init_args.erasure.{key}={value}" for key, value in settings.items())
 
@@ -234,8 +226,7 @@ def unlearning_steps(eraser: Eraser, setting: DemoSetting, part: Part = OBJECTS)
     images = eraser.images(part)
     unlearn = cli_step(f"{eraser.name}: unlearning{part.name}, generate", "predict",
                        f"configs/toy/unlearn{part.name}.yaml", images / "manifest.jsonl",
-                       *erasure_overrides(eraser, part, class_params=eraser.class_params(part),
-                                          error_mode=eraser.error_mode),
+                       *erasure_overrides(eraser, part, class_params=eraser.class_params(part)),
                        *setting.unlearning_data(part, eraser.draws_unerased and part == OBJECTS),
                        f"--trainer.callbacks.output_dir={images}", f"--trainer.default_root_dir={images.parent}")
     results = eraser.results(part)
@@ -253,7 +244,7 @@ def eraser_steps(eraser: Eraser, setting: DemoSetting) -> list[Step]:
 
 def workflow(setting: DemoSetting) -> list[Step]:
     """Every step of the demo, in order."""
-    baseline, supervised, reference = compared_erasers(setting)
+    baseline, supervised = compared_erasers(setting)
     return [
         cli_step("cache activations", "predict", "configs/toy/cache.yaml", RUNS / "activations/manifest.json",
                  *setting.data()),
@@ -262,7 +253,6 @@ def workflow(setting: DemoSetting) -> list[Step]:
                  setting.supervised_steps),
         *eraser_steps(baseline, setting),
         *eraser_steps(supervised, setting),
-        *unlearning_steps(reference, setting),
     ]
 
 
@@ -287,11 +277,9 @@ def main(setting: DemoSetting = DemoSetting()) -> str:
     started = time.perf_counter()
     run(workflow(setting))
     compared = compared_erasers(setting)
-    searched = [eraser for eraser in compared if eraser.grid]  # the erasers with styles and sequences of their own
-    results = {eraser.label: json.loads(eraser.results().read_text()) for eraser in compared}
-    styles, sequential = ({eraser.label: json.loads(eraser.results(part).read_text()) for eraser in searched}
-                          for part in (STYLES, SEQUENTIAL))
-    tables = (f"## Objects\n\n{report_table(results, {e.label: len(e.grid) or None for e in compared})}\n"
+    results, styles, sequential = ({eraser.label: json.loads(eraser.results(part).read_text()) for eraser in compared}
+                                   for part in (OBJECTS, STYLES, SEQUENTIAL))
+    tables = (f"## Objects\n\n{report_table(results, {e.label: len(e.grid) for e in compared})}\n"
               f"## Styles\n\n{style_table(styles)}\n## Sequential unlearning of objects\n\n"
               f"{sequential_table(sequential)}")
     write_sequential_plot(REPORT_DIR / "sequential.png", sequential)

@@ -29,14 +29,12 @@ def no_erasure_scores(reference: Mapping[str, Any]) -> dict[str, float]:
     return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values())}
 
 
-def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Mapping[str, int | None]) -> str:
+def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Mapping[str, int]) -> str:
     """Markdown table, in %: the unerased model (from the first results holding the `none` reference), then each
-    eraser's mean object-unlearning scores and the number of candidates its parameter search rated (`None`: it
-    searched nothing of its own)."""
+    eraser's mean object-unlearning scores and the number of candidates its parameter search rated."""
     reference = next(result["reference"] for result in results.values() if result.get("reference"))
     rows = [("no erasure", no_erasure_scores(reference), "–")]
-    rows += [(label, result["objects"], "–" if search_candidates[label] is None else str(search_candidates[label]))
-             for label, result in results.items()]
+    rows += [(label, result["objects"], str(search_candidates[label])) for label, result in results.items()]
     lines = ["| eraser | UA | IRA | CRA | search candidates |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {100 * scores['UA']:.1f} | {100 * scores['IRA']:.1f} | {100 * scores['CRA']:.1f} | {runs} |"
               for label, scores, runs in rows]

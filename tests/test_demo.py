@@ -45,7 +45,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 
 def test_supervised_eraser_removes_the_target_and_spares_the_rest(demo_run):
     workdir, _ = demo_run
-    _, supervised, _ = compared_erasers(SETTING)
+    _, supervised = compared_erasers(SETTING)
     results = json.loads((workdir / supervised.results()).read_text())
     reference = results["reference"]["per_object"]  # accuracy per object without erasure
     assert set(results["objects"]["per_target"]) == set(OBJECTS)
@@ -61,7 +61,7 @@ def test_supervised_eraser_removes_the_target_and_spares_the_rest(demo_run):
 
 def test_supervised_eraser_removes_each_style_and_each_sequence(demo_run):
     workdir, _ = demo_run
-    _, supervised, _ = compared_erasers(SETTING)
+    _, supervised = compared_erasers(SETTING)
     reference = json.loads((workdir / supervised.results()).read_text())["reference"]["per_style"]
     styles = json.loads((workdir / supervised.results(STYLES)).read_text())["styles"]
     assert set(styles["per_target"]) == set(SETTING.styles)
@@ -83,12 +83,11 @@ def test_report_table_and_sample_grid(demo_run):
     table = tables.split("## Styles")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| eraser")]
     assert [row.split(" | ")[0] for row in rows] == ["| no erasure", "| unsupervised SAE (SAeUron-style)",
-                                                     "| supervised SAE (SAEmnesia)",
-                                                     "| same SAE and multipliers, `error_mode: reference`"]
-    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |", "– |"]  # candidates of each search
+                                                     "| supervised SAE (SAEmnesia)"]
+    assert [row.split(" | ")[-1] for row in rows] == ["– |", "1 |", "1 |"]  # candidates of each search
     assert tables in (workdir / REPORT_DIR / "report.md").read_text()
     with Image.open(workdir / REPORT_DIR / "samples.png") as grid:
-        assert grid.size == (4 * 32 * 4, len(OBJECTS) * 32 * 4)  # 4 columns, one row per object, enlarged 4×
+        assert grid.size == (3 * 32 * 4, len(OBJECTS) * 32 * 4)  # 3 columns, one row per object, enlarged 4×
 
 
 def search(eraser, folder: Path, multipliers: list[float]) -> dict:
@@ -107,7 +106,7 @@ def search(eraser, folder: Path, multipliers: list[float]) -> dict:
 def test_one_search_run_chooses_what_one_run_per_candidate_chooses(demo_run, monkeypatch):
     workdir, _ = demo_run
     monkeypatch.chdir(workdir)
-    _, supervised, _ = compared_erasers(SETTING)
+    _, supervised = compared_erasers(SETTING)
     multipliers = [-1.0, -10.0, -30.0]
     together = search(supervised, Path("runs/search_together"), multipliers)
     apart = [search(supervised, Path(f"runs/search_m{m:g}"), [m])["candidates"][0] for m in multipliers]

@@ -22,11 +22,10 @@ def test_report_table_rows_in_percent():
     reference = {"per_object": {"Cats": 0.9, "Dogs": 0.7}, "per_style": {"Cubism": 1.0, "Monet": 0.5}}
     assert no_erasure_scores(reference) == pytest.approx({"UA": 0.2, "IRA": 0.8, "CRA": 0.75})
     results = {"baseline": {"objects": {"UA": 0.5, "IRA": 0.625, "CRA": 0.7}, "reference": None},
-               "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85}, "reference": reference},
-               "ours, other mode": {"objects": {"UA": 1.0, "IRA": 0.5, "CRA": 0.625}, "reference": None}}
-    rows = report_table(results, {"baseline": 6, "ours": 7, "ours, other mode": None}).splitlines()
+               "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85}, "reference": reference}}
+    rows = report_table(results, {"baseline": 6, "ours": 7}).splitlines()
     assert rows[2:] == ["| no erasure | 20.0 | 80.0 | 75.0 | – |", "| baseline | 50.0 | 62.5 | 70.0 | 6 |",
-                        "| ours | 95.0 | 90.0 | 85.0 | 7 |", "| ours, other mode | 100.0 | 50.0 | 62.5 | – |"]
+                        "| ours | 95.0 | 90.0 | 85.0 | 7 |"]
 
 
 def test_style_and_sequential_tables_in_percent_and_the_plot(tmp_path):
