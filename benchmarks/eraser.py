@@ -6,7 +6,8 @@ what the reference hook computes: encode, scatter the TopK code into a dense `[t
 agree. It prints the eraser's time over the dense time (target ≤ 0.6) and the encoder's share (the floor every
 implementation pays). Then it times whole generations on a random-weight pipeline (the tiny test pipeline, or one
 with SD1.5's UNet) on the same device and in the same dtype, `HookedDiffusion` erasing one concept against the same
-prompts unhooked (the hook's share of a generation). The last line is one JSON object with every figure.
+prompts unhooked (the hook's share of a generation), and a search's batch of four erasures generated in one call
+against one call per erasure. The last line is one JSON object with every figure.
 
     python -m benchmarks.eraser                                  # CPU, float32, one CFG batch of 8 prompts
     python -m benchmarks.eraser --device cuda --dtype float16 --repeats 50
@@ -174,10 +175,15 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
                  for index in range(config.generation_prompts)]
         candidate = Candidate(100 * (1 - 1 / sae.num_latents), config.multiplier)  # the top-1 latent
         erasing = [item._replace(erase=(concepts[0],), target=concepts[0], candidate=candidate) for item in items]
-        unhooked_s, hooked_s = (time_call(lambda: module.generate(batch), warmup=config.warmup,
-                                          repeats=config.generation_repeats, device=config.device).per_call
-                                for batch in (items, erasing))
-    return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s}
+        # A search's batch: the items erase 4 different concepts, generated in one call or one call per concept.
+        mixed = [item._replace(erase=(item.object,), target=item.object, candidate=candidate) for item in items]
+        per_concept = [group for concept in concepts if (group := [item for item in mixed if item.target == concept])]
+        unhooked_s, hooked_s, mixed_s, grouped_s = (
+            time_call(generate, warmup=config.warmup, repeats=config.generation_repeats, device=config.device).per_call
+            for generate in (partial(module.generate, items), partial(module.generate, erasing),
+                             partial(module.generate, mixed), lambda: [module.generate(group) for group in per_concept]))
+    return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s,
+            "mixed_s": mixed_s, "per_concept_s": grouped_s, "mixed_over_per_concept": mixed_s / grouped_s}
 
 
 def run_benchmark(config: EraserBenchmarkConfig) -> dict[str, Any]:
@@ -195,7 +201,9 @@ def run_benchmark(config: EraserBenchmarkConfig) -> dict[str, Any]:
         report["generation"] = generation = hooked_generation_cost(config)
         print(f"{config.generation_pipeline} pipeline, {config.generation_prompts} prompts × {config.generation_steps} "
               f"steps at {config.generation_resolution} px: unhooked {generation['unhooked_s']:.2f} s, erasing "
-              f"{generation['hooked_s']:.2f} s, ratio {generation['hooked_over_unhooked']:.3f}")
+              f"{generation['hooked_s']:.2f} s, ratio {generation['hooked_over_unhooked']:.3f}; four erasures in one "
+              f"batch {generation['mixed_s']:.2f} s, one call per erasure {generation['per_concept_s']:.2f} s, ratio "
+              f"{generation['mixed_over_per_concept']:.3f}")
     return report
 
 

@@ -3,8 +3,9 @@
 For each objective it prints tokens/s of both paths in the same process, their ratio (target ≥ 0.9: Lightning
 should cost under 10 %), and the fraction of this machine's measured dense matmul FLOP/s each path reaches. Then it
 times the two kernel choices of the unsupervised step in the same process: the encoder backward, sparse (through the
-selected latents only) against dense, without and with AuxK at its widest, and the embedding-bag decoder against a
-dense `[N, L] @ [L, d]` decode. The last line is one JSON object with every figure.
+selected latents only) against dense, without and with AuxK at its widest, the embedding-bag decoder against a
+dense `[N, L] @ [L, d]` decode, and the BatchTopK from each token's candidates (`SparseAutoencoder.training_topk`)
+against one top-k over all `N·L` entries. The last line is one JSON object with every figure.
 
     python -m benchmarks.sae_step                                   # CPU, published size, both objectives
     python -m benchmarks.sae_step --device cuda --precision bf16-mixed --steps 50 --warmup 5
@@ -243,9 +244,9 @@ def dense_decode(sae: SparseAutoencoder, top_acts: Tensor, top_indices: Tensor) 
 
 def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
     """Median seconds per forward + backward of the unsupervised loss with each encoder backward, without AuxK and
-    with every latent dead (AuxK at its widest, k_aux = d/2), and of the decode alone as an embedding bag versus
-    `dense_decode`, timed in interleaved rounds; plus the largest relative difference between the two encoders'
-    gradients."""
+    with every latent dead (AuxK at its widest, k_aux = d/2), of the decode alone as an embedding bag versus
+    `dense_decode`, and (for a BatchTopK SAE) of the batch top-k selection alone, timed in interleaved rounds; plus the
+    largest relative difference between the two encoders' gradients."""
     torch.manual_seed(config.seed)
     sae = SparseAutoencoder(config.d, config.sae_config("unsupervised")).to(config.device)
     x = random_batches(config, "unsupervised")[0]["act"]  # [N, d]
@@ -269,12 +270,19 @@ def kernel_comparison(config: BenchmarkConfig) -> dict[str, float]:
              for name, dead_mask in (("encoder", None), ("auxk", all_dead)) for backward in ("sparse", "dense")}
     cases |= {"decoder_sparse": partial(decoder_gradients, SparseAutoencoder.decode),
               "decoder_dense": partial(decoder_gradients, dense_decode)}
+    if sae.cfg.batch_topk:  # the pooled top-k from each token's candidates against one over all N·L entries
+        with torch.no_grad():
+            pre_acts = sae.pre_acts(x)  # [N, L]
+        keep = sae.cfg.k * pre_acts.shape[0]
+        cases |= {"batch_topk_sparse": partial(sae.training_topk, pre_acts),
+                  "batch_topk_dense": partial(pre_acts.flatten().topk, keep, sorted=False)}
     medians = time_interleaved(cases, warmup=1, repeats=config.kernel_repeats, device=config.device)
     seconds = {f"{name}_s": value for name, value in medians.items()}
     difference = max(float((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30))
                      for sparse, dense in zip(cases["auxk_sparse"](), cases["auxk_dense"]()))
+    kernels = [name for name in ("encoder", "auxk", "decoder", "batch_topk") if f"{name}_sparse_s" in seconds]
     return {**seconds, **{f"{name}_dense_over_sparse": seconds[f"{name}_dense_s"] / seconds[f"{name}_sparse_s"]
-                          for name in ("encoder", "auxk", "decoder")}, "max_relative_gradient_difference": difference}
+                          for name in kernels}, "max_relative_gradient_difference": difference}
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
@@ -300,9 +308,12 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     if config.kernel_repeats:
         report["kernels"] = kernels = kernel_comparison(config)
         for name, what in (("encoder", "encoder backward"), ("auxk", "encoder backward, AuxK over d/2 latents"),
-                           ("decoder", "decoder (embedding bag vs dense)")):
+                           ("decoder", "decoder (embedding bag vs dense)"),
+                           ("batch_topk", "BatchTopK (from each token's candidates vs over all entries)")):
+            if f"{name}_sparse_s" not in kernels:
+                continue
             print(f"{what}: sparse {kernels[f'{name}_sparse_s']:.3f} s, dense {kernels[f'{name}_dense_s']:.3f} s "
-                  f"per forward + backward, dense / sparse {kernels[f'{name}_dense_over_sparse']:.2f}")
+                  f"per call, dense / sparse {kernels[f'{name}_dense_over_sparse']:.2f}")
         print(f"largest relative gradient difference, sparse vs dense encoder: "
               f"{kernels['max_relative_gradient_difference']:.1e}")
     return report

@@ -60,7 +60,7 @@ def test_sae_step_prints_one_json_report_with_positive_finite_ratios(capsys):
         assert figures["module_vs_plain"] == pytest.approx(figures["module_tokens_per_s"]
                                                            / figures["plain_tokens_per_s"])
     kernels = report["kernels"]
-    for name in ("encoder", "auxk", "decoder"):
+    for name in ("encoder", "auxk", "decoder", "batch_topk"):
         assert kernels[f"{name}_dense_over_sparse"] == pytest.approx(kernels[f"{name}_dense_s"]
                                                                      / kernels[f"{name}_sparse_s"])
     assert kernels["max_relative_gradient_difference"] < 1e-5  # float32: both encoder backwards compute one gradient
@@ -109,6 +109,7 @@ def test_eraser_benchmark_agrees_with_its_dense_baseline(capsys):
     assert cost["eraser_matmul_fraction"] == pytest.approx(encoder_flops / (cost["eraser_s"]
                                                                             * cost["matmul_flops_per_s"]))
     assert generation["hooked_over_unhooked"] == pytest.approx(generation["hooked_s"] / generation["unhooked_s"])
+    assert generation["mixed_over_per_concept"] == pytest.approx(generation["mixed_s"] / generation["per_concept_s"])
 
 
 def test_dense_baseline_is_the_eraser_written_out():

@@ -22,7 +22,7 @@ EXPERIMENTS = ("toy", "sd15_unlearncanvas")
 SHARED = "generation.yaml"
 """The file of an experiment that its predict runs include (`config: generation.yaml`)."""
 GENERATION_RUNS = ("cache", "stats", "sweep", "unlearn")
-TOY_STYLE_AND_SEQUENTIAL_RUNS = ("stats_styles", "sweep_styles", "unlearn_styles", "unlearn_sequential")
+STYLE_RUNS = ("stats_styles", "sweep_styles", "unlearn_styles")
 SAMPLING = ("pipeline", "hookpoint", "num_steps", "guidance_scale", "height", "width")
 """What the statistics and the erasing runs must sample alike: the erasure needs the statistics' T and trajectories."""
 
@@ -68,7 +68,7 @@ def test_every_config_parses(config):
 
 @pytest.mark.parametrize(("experiment", "step"), [
     *((experiment, step) for experiment in EXPERIMENTS for step in GENERATION_RUNS),
-    *(("toy", step) for step in TOY_STYLE_AND_SEQUENTIAL_RUNS)])
+    *((experiment, step) for experiment in EXPERIMENTS for step in STYLE_RUNS), ("toy", "unlearn_sequential")])
 def test_predict_runs_take_the_shared_values_and_restate_none(experiment, step):
     raw = yaml.safe_load((REPO / "configs" / experiment / f"{step}.yaml").read_text())
     assert raw.get("config") == SHARED, f"configs/{experiment}/{step}.yaml must include {SHARED}"
@@ -122,19 +122,28 @@ def test_toy_runs_agree_on_vocabulary_seeds_targets_and_erasure():
     assert resolved("toy/sae.yaml")["data"]["init_args"]["shards"] == cache_writer["output_dir"]
     unlearn_writer = runs["unlearn"]["trainer"]["callbacks"][0]["init_args"]
     assert resolved("toy/evaluate.yaml")["data"]["init_args"]["root"] == unlearn_writer["output_dir"]
-    # The style runs read the style statistics and the style search's choice; the sequence the objects'.
-    styles = {step: resolved(f"toy/{step}.yaml") for step in ("stats_styles", "sweep_styles", "unlearn_styles")}
-    style_statistics = styles["stats_styles"]["trainer"]["callbacks"][0]["init_args"]
-    for step in ("sweep_styles", "unlearn_styles"):
-        erasure = styles[step]["model"]["init_args"]["erasure"]
-        assert (erasure["sae"], erasure["stats"]) == (style_statistics["sae"], style_statistics["output"]), step
-        assert styles[step]["data"]["init_args"]["targets"] == list(TOY_STYLES), step
+    # The sequence erases with the objects' statistics and choice.
     sequential = resolved("toy/unlearn_sequential.yaml")["model"]["init_args"]["erasure"]
     assert {key: sequential[key] for key in ("stats", "class_params")} == {
         key: erasures["unlearn"][key] for key in ("stats", "class_params")}
     selection = resolved("toy/sweep_evaluate.yaml")
     assert selection["data"]["init_args"]["root"] == runs["sweep"]["trainer"]["callbacks"][0]["init_args"]["output_dir"]
     assert selection["trainer"]["callbacks"][0]["init_args"]["outputs"] == [erasures["unlearn"]["class_params"]]
+
+
+@pytest.mark.parametrize(("experiment", "styles"), [("toy", TOY_STYLES), ("sd15_unlearncanvas", UNLEARNCANVAS_STYLES)])
+def test_style_runs_read_the_style_statistics_and_choice_and_target_every_style(experiment, styles):
+    runs = {step: resolved(f"{experiment}/{step}.yaml") for step in STYLE_RUNS}
+    statistics = runs["stats_styles"]["trainer"]["callbacks"][0]["init_args"]
+    object_statistics = resolved(f"{experiment}/stats.yaml")["trainer"]["callbacks"][0]["init_args"]
+    assert statistics["output"] != object_statistics["output"]  # the objects' thresholds stay their own
+    assert runs["stats_styles"]["data"]["init_args"]["include_plain"] is False  # only the styles receive images
+    for step in ("sweep_styles", "unlearn_styles"):
+        erasure = runs[step]["model"]["init_args"]["erasure"]
+        assert (erasure["sae"], erasure["stats"]) == (statistics["sae"], statistics["output"]), step
+        assert runs[step]["data"]["init_args"]["targets"] == list(styles), step
+    assert runs["unlearn_styles"]["model"]["init_args"]["erasure"]["class_params"] != (
+        resolved(f"{experiment}/unlearn.yaml")["model"]["init_args"]["erasure"]["class_params"])
 
 
 def test_unlearncanvas_runs_prompt_the_published_vocabulary_and_targets():
