@@ -25,7 +25,8 @@ ENCODER_BACKWARDS: tuple[str, ...] = get_args(EncoderBackward)
 
 CANDIDATES_PER_TOKEN = 2
 """Candidates per token of a pooled TopK, in units of k (`_pool_topk`). A batch TopK keeps k entries per token on
-average; the top 2k of each bound its threshold closely enough that few more than `k·n` entries lie above it."""
+average; the top 2k of each bound its threshold closely enough that a small multiple of `k·n` entries lie above it
+(1.1 times on the trained toy SAE, 2.3 times on a fresh one)."""
 
 
 @dataclass
