@@ -25,8 +25,8 @@ ENCODER_BACKWARDS: tuple[str, ...] = get_args(EncoderBackward)
 
 CANDIDATES_PER_TOKEN = 2
 """Candidates per token of a pooled TopK, in units of k (`_pool_topk`). A batch TopK keeps k entries per token on
-average; the top 2k of each bound its threshold closely enough that a small multiple of `k·n` entries lie above it
-(1.1 times on the trained toy SAE, 2.3 times on a fresh one)."""
+average; the top 2k of each bound its threshold closely enough that only a small multiple of `k·n` entries lie above
+it (benchmarks/RESULTS.md)."""
 
 
 @dataclass
@@ -160,9 +160,9 @@ class SparseAutoencoder(nn.Module):
         pool, which no token's candidates can miss, so it selects among them. A batch TopK (one pool) can take more
         than `m` entries of one token, so the candidates only bound it from below: the pool's `keep`-th largest
         candidate is at most its `keep`-th largest entry, every entry above that bound is gathered (a little more
-        than `keep`), and the top-k runs over those. On a CPU that is 4 times faster than a top-k over all `n·L`
-        entries at L = 1024; it reads the gathered count on the host, which would stall an accelerator's stream at
-        every step, so there the top-k runs over all entries.
+        than `keep`), and the top-k runs over those, much faster on a CPU than one over all `n·L` entries
+        (benchmarks/sae_step.py). It reads the gathered count on the host, which would stall an accelerator's stream
+        at every step, so there the top-k runs over all entries.
         """
         num_latents = pools.shape[-1]
         per_token = min(num_latents, keep, CANDIDATES_PER_TOKEN * self.cfg.k)
