@@ -81,9 +81,10 @@ def _checkpoint_folder(path: Path, hookpoint: str | None) -> Path:
             raise FileNotFoundError(f"SAE checkpoint folder {path} has no hookpoint folder {hookpoint!r}; "
                                     f"found {_hookpoint_folders(path)}.")
         return path / hookpoint
-    if not (path / CONFIG_FILE).is_file() and _hookpoint_folders(path):
-        raise FileNotFoundError(f"{path} holds several SAEs {_hookpoint_folders(path)}: pass a hookpoint name.")
-    return path
+    inside = _hookpoint_folders(path) if not (path / CONFIG_FILE).is_file() else []
+    if len(inside) > 1:
+        raise FileNotFoundError(f"{path} holds several SAEs {inside}: pass a hookpoint name.")
+    return path / inside[0] if inside else path  # a parent of one SAE folder (what SaeExport writes) names it
 
 
 def _hookpoint_folders(path: Path) -> list[str]:

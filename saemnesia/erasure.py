@@ -10,7 +10,6 @@ erases.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,10 +18,6 @@ from saemnesia.class_params import Candidate, ConceptParams, load_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser
-
-REFERENCE_STATS_SUFFIX = ".pkl"
-"""Statistics files with this suffix are the published pickle (`ConceptStats.from_reference`); others are ours."""
-
 
 @dataclass
 class ErasureConfig:
@@ -47,12 +42,6 @@ class ErasureConfig:
     """Scale selected latents by `m · ‖z‖₂ / ‖W_dec[j]‖₂` instead of `m · μ_c[t, j]`. Published: False."""
 
 
-def load_stats(path: str | Path) -> ConceptStats:
-    """Our statistics file, or the published pickle when `path` ends in `.pkl`."""
-    path = Path(path)
-    return ConceptStats.from_reference(path) if path.suffix == REFERENCE_STATS_SUFFIX else ConceptStats.load(path)
-
-
 class ErasureBuilder:
     """Loads the SAE and statistics of an `ErasureConfig` once and builds one `ConceptEraser` per erased set; the
     erasers check the SAE and the statistics against each other, the builder checks them against the sampling."""
@@ -60,7 +49,7 @@ class ErasureBuilder:
     def __init__(self, config: ErasureConfig, hookpoint: str, num_steps: int) -> None:
         self.config = config
         self.sae = SparseAutoencoder.load(config.sae, hookpoint)
-        self.stats = load_stats(config.stats)
+        self.stats = ConceptStats.read(config.stats)
         stats_hookpoint = self.stats.metadata.get("hookpoint")
         if stats_hookpoint not in (None, hookpoint):
             raise ValueError(f"The concept statistics {config.stats} were computed at {stats_hookpoint} but "

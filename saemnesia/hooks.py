@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import torch
 from diffusers import DiffusionPipeline
@@ -231,3 +231,50 @@ class ActivationCapture:
         if not self.tokens:
             raise RuntimeError("Nothing was captured; run a generation inside hook_block first.")
         return torch.stack([self.tokens[step] for step in sorted(self.tokens)], dim=1)  # [B, S, H*W, C]
+
+
+class BlockEraser(Protocol):
+    """What `erase` needs of an eraser (`saemnesia.unlearning.ConceptEraser`)."""
+
+    @property
+    def num_steps(self) -> int: ...
+
+    def apply(self, hidden: Tensor, step: int) -> Tensor: ...
+
+
+@contextmanager
+def erase(pipe: DiffusionPipeline, eraser: BlockEraser, hookpoint: str = "unet.up_blocks.1.attentions.1"
+          ) -> Iterator[nn.Module]:
+    """Erase with `eraser` while the context is open: every UNet call of `pipe` (any SD 1.x/2.x or SDXL pipeline as
+    diffusers loads it) has the output of the block at `hookpoint` rewritten, in both CFG halves, at the sampling
+    step the scheduler's timestep names. A generation with another number of steps than the eraser's statistics
+    fails at its first UNet call. The hooks are removed on exit, also when the generation raises. Yields the block.
+
+        with saemnesia.erase(pipe, eraser):
+            image = pipe("An image of Dogs in Monet style.", num_inference_steps=eraser.num_steps).images[0]
+    """
+    def on_output(hidden: Tensor, context: HookContext) -> Tensor:
+        if context.num_steps != eraser.num_steps:
+            raise ValueError(f"The pipeline samples {context.num_steps} steps but the eraser's statistics have "
+                             f"{eraser.num_steps}; call it with num_inference_steps={eraser.num_steps}.")
+        return eraser.apply(hidden, context.step)
+
+    with hook_block(pipe, hookpoint, on_output) as block:
+        yield block
+
+
+@contextmanager
+def capture(pipe: DiffusionPipeline, hookpoint: str = "unet.up_blocks.1.attentions.1", halves: Halves = "cond",
+            steps: Collection[int] | None = None, every: int = 1, dtype: torch.dtype | None = None
+            ) -> Iterator[ActivationCapture]:
+    """Keep the block output at `hookpoint` of one generation of `pipe` as tokens, per sampling step (the CFG half
+    `halves`, the `steps` that are multiples of `every`, on the CPU, in `dtype` or the block's own); yields the
+    `ActivationCapture`, whose `stack()` is `[B, S, H·W, C]` once the generation ran.
+
+        with saemnesia.capture(pipe) as activations:
+            pipe("An image of Dogs.", num_inference_steps=50)
+        tokens = activations.stack()
+    """
+    activations = ActivationCapture(halves=halves, steps=steps, every=every, device="cpu", dtype=dtype)
+    with hook_block(pipe, hookpoint, activations):
+        yield activations

@@ -38,6 +38,9 @@ NORMALISATION_EPS = 1e-8
 QUANTILE_MAX_NUMEL = 2**24
 """`torch.quantile` refuses inputs with more elements than this, so larger batches are split."""
 
+REFERENCE_SUFFIX = ".pkl"
+"""Statistics files with this suffix are the published pickle (`ConceptStats.from_reference`)."""
+
 
 def concept_index(concepts: Sequence[str], name: str, owner: str = "the statistics") -> int:
     """Row of `name` in `concepts`, or a ValueError listing the known concepts (of `owner`, as named in it)."""
@@ -178,6 +181,11 @@ class ConceptStats:
             metadata=json.loads(header["metadata"]),
             source=str(path),
         )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ConceptStats:
+        """Our statistics file (`load`), or the published pickle (`from_reference`) when the name ends in `.pkl`."""
+        return cls.from_reference(path) if Path(path).suffix == REFERENCE_SUFFIX else cls.load(path)
 
     @classmethod
     def from_reference(cls, pickle_path: str | os.PathLike) -> ConceptStats:

@@ -18,13 +18,14 @@ TopK is always per token here (the reference switches batch/sample TopK off at i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from saemnesia.class_params import validate_class_params
+from saemnesia.class_params import load_class_params, validate_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 
@@ -122,6 +123,26 @@ class ConceptEraser:
         self.start_step = start_step
         self.use_beta = use_beta
         self.tables = build_tables(sae, stats, params, use_beta)
+
+    @classmethod
+    def from_files(cls, sae: str | os.PathLike, stats: str | os.PathLike,
+                   params: Mapping[str, ConceptParamsLike] | str | os.PathLike, concepts: Sequence[str] | None = None,
+                   hookpoint: str | None = None, device: str | torch.device = "cpu", error_mode: str = "exact",
+                   start_step: int = 0, use_beta: bool = False) -> ConceptEraser:
+        """The eraser of `concepts` (default: every concept of `params`) from files: the SAE folder (or its parent
+        of `<hookpoint>/` folders), the statistics (ours, or the published `.pkl`), and `params` as a mapping or a
+        class_params file (`.json`, or the published `.pth`), e.g. a search's choice for every concept. The SAE is
+        loaded onto `device`, where the pipeline runs."""
+        loaded = SparseAutoencoder.load(sae, hookpoint, device=device)
+        if not isinstance(params, Mapping):
+            params = load_class_params(params)
+        missing = [concept for concept in concepts or [] if concept not in params]
+        if missing:
+            raise ValueError(f"ConceptEraser.from_files: params have no entry for {missing}; they cover "
+                             f"{sorted(params)}.")
+        chosen = {concept: params[concept] for concept in concepts} if concepts is not None else params
+        return cls(loaded, ConceptStats.read(stats), chosen, error_mode=error_mode, start_step=start_step,
+                   use_beta=use_beta)
 
     @property
     def num_steps(self) -> int:

@@ -111,6 +111,9 @@ def test_bad_checkpoints_fail_with_one_clear_sentence(tmp_path):
         SparseAutoencoder(4, SaeConfig(expansion_factor=2, k=4)).save(parent / hookpoint)
     with pytest.raises(FileNotFoundError, match=r"holds several SAEs \['a', 'b'\]: pass a hookpoint"):
         SparseAutoencoder.load(parent)
+    SparseAutoencoder(4, SaeConfig(expansion_factor=2, k=4)).save(tmp_path / "only" / "b")
+    alone, named = SparseAutoencoder.load(tmp_path / "only"), SparseAutoencoder.load(tmp_path / "only", "b")
+    assert alone.checkpoint_digest == named.checkpoint_digest  # a parent of one SAE folder names it
     with pytest.raises(FileNotFoundError, match=r"has no hookpoint folder 'c'; found \['a', 'b'\]"):
         SparseAutoencoder.load(parent, "c")
     (parent / "a" / "cfg.json").write_text("{not json")

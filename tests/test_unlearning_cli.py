@@ -23,8 +23,10 @@ from cli import main
 from datamodules.prompts import PromptDataModule
 from saemnesia.class_params import Candidate, save_class_params
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
+import saemnesia
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
-from saemnesia.generation import CaptureConfig, HookedDiffusion
+from saemnesia.generation import CaptureConfig, HookedDiffusion, image_seed
+from saemnesia.hooks import resolve_hookpoint
 from saemnesia.sae import SaeConfig, SparseAutoencoder
 from saemnesia.stats import ConceptStats
 
@@ -141,6 +143,42 @@ def test_a_batch_mixing_erasures_gives_each_item_the_image_of_its_own_erasure(to
         torch.testing.assert_close(together.images[rows], alone.images, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(together.activations[rows], alone.activations, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(together.images[0], together.images[1], atol=1e-2)  # Circle erased vs unerased
+
+
+def test_the_python_api_erases_and_captures_as_the_cli_does(toy_cwd):
+    main([*UNLEARN, "--data.init_args.targets=[Circle]", "--data.init_args.batch_size=1"])  # one image per call
+    pipe = saemnesia.load_pipeline("runs/toy/pipeline")
+    eraser = saemnesia.ConceptEraser.from_files("runs/toy/sae_supervised", STATS, "runs/toy/class_params.json",
+                                                concepts=["Circle"], hookpoint=HOOKPOINT)  # start_step 0, as UNLEARN
+    block = resolve_hookpoint(pipe, HOOKPOINT)
+    for record in manifest(IMAGES):
+        noise = torch.Generator().manual_seed(image_seed(record["seed"], record["prompt_id"]))
+        with saemnesia.erase(pipe, eraser, HOOKPOINT), saemnesia.capture(pipe, HOOKPOINT, dtype=torch.float16) as activations:
+            image = pipe(record["prompt"], num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+                         generator=[noise], output_type="pt").images[0]
+        assert (IMAGES / record["file"]).read_bytes() == jpeg_bytes(image), record["file"]
+        assert not block._forward_hooks and not pipe.unet._forward_pre_hooks  # removed on exit
+    # The capture sees the erased output, as HookedDiffusion's does (its capture runs after the eraser).
+    module = HookedDiffusion("runs/toy/pipeline", hookpoint=HOOKPOINT, num_steps=3, height=64, width=64,
+                             guidance_scale=7.5, capture=CaptureConfig(), erasure=ErasureConfig(
+                                 sae="runs/toy/sae_supervised", stats=STATS, class_params="runs/toy/class_params.json"))
+    module.setup("predict")
+    items = [item for item in PromptDataModule(TOY_VOCABULARY, objects=["Circle", "Square"], styles=["Pop_Art"],
+                                               seeds=(0,), targets=["Circle"]).items
+             if item.prompt_id == record["prompt_id"]]
+    torch.testing.assert_close(activations.stack(), module.generate(items).activations, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"The pipeline samples 4 steps but the eraser's statistics have 3; call it "
+                                         r"with num_inference_steps=3."):
+        with saemnesia.erase(pipe, eraser, HOOKPOINT):
+            pipe("An image of Circle.", num_inference_steps=4, height=64, width=64)
+    assert not block._forward_hooks and not pipe.unet._forward_pre_hooks  # removed on error too
+    with pytest.raises(ValueError, match=r"params have no entry for \['Star'\]; they cover \['Circle', 'Square'\]"):
+        saemnesia.ConceptEraser.from_files("runs/toy/sae_supervised", STATS, "runs/toy/class_params.json",
+                                           concepts=["Star"])
+    with pytest.raises(ValueError, match=r"ConceptEraser.apply expects a block output \[B, 64, H, W\]; got shape "
+                                         r"\(\d+, 32, \d+, \d+\): erase with the SAE trained at this hookpoint"):
+        with saemnesia.erase(pipe, eraser, "unet.up_blocks.2.attentions.1"):  # a 32-channel block
+            pipe("An image of Circle.", num_inference_steps=3, height=64, width=64)
 
 
 def test_a_search_candidate_sets_every_erased_concept_without_class_params(toy_cwd):
