@@ -5,18 +5,30 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo toy-assets clean
+.PHONY: setup eval test demo toy-assets clean
+
+# The torch just installed, pinned for every later install: no dependency may swap it for another build.
+KEEP_TORCH := $(VENV)/keep-torch.txt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[dev]"
+$(KEEP_TORCH): $(BIN)/python
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $@
+
+$(VENV)/.installed: $(KEEP_TORCH) pyproject.toml
+	$(BIN)/pip install -c $(KEEP_TORCH) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+# timm for the published ViT classifiers (optional: saemnesia/classifiers.py has a plain-torch copy). It pulls
+# torchvision, which must be the build matching torch: give it where the index has one, e.g.
+# `make eval TORCHVISION_SPEC="torchvision==0.28.0+cpu"`.
+eval: setup
+	$(BIN)/pip install -c $(KEEP_TORCH) -e ".[dev,eval]" $(TORCHVISION_SPEC)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ def create_vit(num_classes: int, **sizes: Any) -> nn.Module:
     try:
         from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
     except ImportError:
+        return VisionTransformer(num_classes, **sizes)
+    except RuntimeError as error:  # timm imports torchvision, whose ops fail to register under another torch build
+        warnings.warn(f"timm could not be imported ({error}): its torchvision does not match torch "
+                      f"{torch.__version__}; classifying with saemnesia's copy of its VisionTransformer.", stacklevel=2)
         return VisionTransformer(num_classes, **sizes)
     return TimmVisionTransformer(num_classes=num_classes, **sizes)
 

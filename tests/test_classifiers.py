@@ -3,7 +3,9 @@ timm when importable), a class path + classifier folder with its own preprocessi
 
 from __future__ import annotations
 
+import importlib.abc
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from saemnesia.classifiers import (
     UNLEARNCANVAS_STYLE_LABELS,
     ClassifierConfig,
     VisionTransformer,
+    create_vit,
     load_classifier,
 )
 from saemnesia.concepts import UNLEARNCANVAS_STYLES
@@ -108,6 +111,24 @@ def test_tiny_vit_from_the_published_layout_matches_an_independent_forward(tmp_p
         logits = classifier(images)
     torch.testing.assert_close(logits.double(), reference_vit(state, images, TINY_VIT["num_heads"]),
                                rtol=1e-4, atol=1e-4)
+
+
+class BrokenTimm(importlib.abc.MetaPathFinder):
+    """Imports of timm fail as they do when its torchvision was built for another torch."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.split(".")[0] == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+
+def test_a_timm_that_fails_to_import_leaves_our_vit(monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "timm"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BrokenTimm(), *sys.meta_path])
+    with pytest.warns(UserWarning, match=r"timm could not be imported \(operator torchvision::nms does not exist\): "
+                                         "its torchvision does not match torch"):
+        model = create_vit(5, **TINY_VIT)
+    assert type(model) is VisionTransformer and model.head.out_features == 5
 
 
 def test_our_vit_equals_timm_when_timm_is_installed():

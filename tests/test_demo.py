@@ -4,9 +4,11 @@ run per eraser): the supervised eraser removes each target and spares the other 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from statistics import mean
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -117,3 +119,17 @@ def test_one_search_run_chooses_what_one_run_per_candidate_chooses(demo_run, mon
     chosen = select_class_params(merged, ties="stronger")
     assert json.loads((workdir / "runs/search_together/class_params.json").read_text()) == chosen
     assert set(chosen) == set(OBJECTS)
+
+
+def test_the_readme_python_blocks_run_on_the_demo_files(demo_run, monkeypatch):
+    """The README's "Use from Python" block, run where `make demo` leaves its files, erases as it says."""
+    workdir, _ = demo_run
+    monkeypatch.chdir(workdir)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    assert blocks, "README.md has no python block"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["tokens"].shape == (1, 20, 16, 64)
+    erased, original = (np.asarray(namespace[name], dtype=np.int16) for name in ("erased", "original"))
+    assert np.abs(erased - original).mean() > 1.0  # erasing Circle changed the image; unhooked it is drawn again
