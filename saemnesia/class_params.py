@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from saemnesia.hub import local_path
 from saemnesia.io import atomic_write_bytes, atomic_write_text
 
 ConceptParams = dict[str, float]
@@ -122,8 +123,9 @@ def save_class_params(path: str | os.PathLike, params: Mapping[str, Any]) -> Non
 
 
 def load_class_params(path: str | os.PathLike) -> dict[str, ConceptParams]:
-    """Read a `.pth` (published) or `.json` class_params file; returns only percentile and multiplier per concept."""
-    path = Path(path)
+    """Read a `.pth` (published) or `.json` class_params file, local or on the Hub (`hf://owner/repo/path`); returns
+    only percentile and multiplier per concept."""
+    path = local_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class_params file {path} does not exist.")
     if path.suffix == ".json":

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from saemnesia.checkpoints import read_checkpoint, state_digest, write_checkpoint
+from saemnesia.hub import local_path
 
 EncoderBackward = Literal["sparse", "dense"]
 """How `SparseAutoencoder.forward` backpropagates into the encoder (see there)."""
@@ -266,8 +267,8 @@ class SparseAutoencoder(nn.Module):
     def load(cls, path: str | os.PathLike, hookpoint: str | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> SparseAutoencoder:
         """Load a checkpoint folder, or `path/hookpoint` when `path` is a parent of per-hookpoint SAE folders;
-        accepts the legacy `state_dict.pth` layout too."""
-        config, state = read_checkpoint(Path(path), hookpoint)
+        accepts the legacy `state_dict.pth` layout too, and either on the Hub (`hf://owner/repo[@revision][/path]`)."""
+        config, state = read_checkpoint(local_path(path), hookpoint)
         known = {field.name for field in fields(SaeConfig)}
         cfg = SaeConfig(**{key: value for key, value in config.items() if key in known})
         sae = cls(config["d_in"], cfg, device="meta")

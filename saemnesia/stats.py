@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from saemnesia.hub import local_path
 from saemnesia.io import atomic_write_bytes
 
 FORMAT = "saemnesia.concept_stats.v1"
@@ -184,8 +185,10 @@ class ConceptStats:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ConceptStats:
-        """Our statistics file (`load`), or the published pickle (`from_reference`) when the name ends in `.pkl`."""
-        return cls.from_reference(path) if Path(path).suffix == REFERENCE_SUFFIX else cls.load(path)
+        """Our statistics file (`load`), or the published pickle (`from_reference`) when the name ends in `.pkl`;
+        either local or on the Hub (`hf://owner/repo[@revision]/path`)."""
+        local = local_path(path)
+        return cls.from_reference(local) if local.suffix == REFERENCE_SUFFIX else cls.load(local)
 
     @classmethod
     def from_reference(cls, pickle_path: str | os.PathLike) -> ConceptStats:

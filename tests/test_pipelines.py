@@ -14,7 +14,10 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+import saemnesia
 from saemnesia.hooks import hook_block
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.stats import ConceptStats
 from saemnesia.pipelines import (
     TinyPipelineConfig,
     build_tiny_pipeline,
@@ -140,3 +143,19 @@ def test_sdxl_folder_loads_with_ddim_and_its_unet_calls_map_to_steps(tmp_path):
         latents = generate(pipe, "latent", guidance_scale=5.0)
     assert latents.shape == (2, 4, 8, 8)
     assert steps == list(range(5))
+
+
+def test_the_python_api_erases_and_captures_in_an_sdxl_pipeline(tmp_path):
+    """`saemnesia.erase` and `capture` on the pipeline class diffusers loads for SDXL: two text encoders and the
+    size/crop time embeddings, the same hookpoint layout."""
+    pipe = load_pipeline(save_tiny_sdxl(tmp_path / "tiny-sdxl"))
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(64, SaeConfig(num_latents=256, k=8))
+    stats = ConceptStats(["A", "B"], torch.rand(2, 5, 256) * 0.05, torch.tensor([4, 4]))  # [C, T, L], 5 steps
+    eraser = saemnesia.ConceptEraser(sae, stats, {"A": {"percentile": 99.0, "multiplier": -10.0}})
+    unerased = generate(pipe, "latent", guidance_scale=5.0)
+    with saemnesia.erase(pipe, eraser), saemnesia.capture(pipe, halves="both") as activations:
+        erased = generate(pipe, "latent", guidance_scale=5.0)
+    assert activations.stack().shape == (4, 5, 16, 64)  # both CFG halves of 2 prompts, 5 steps, 4×4 tokens
+    assert not torch.allclose(erased, unerased, atol=1e-3)
+    torch.testing.assert_close(generate(pipe, "latent", guidance_scale=5.0), unerased)  # unhooked on exit
