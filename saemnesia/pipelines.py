@@ -24,7 +24,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from saemnesia.io import replace_folder
 
@@ -35,6 +35,8 @@ SUPPORTED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
 """`_class_name` in `model_index.json` → the class that loads it."""
 
 SchedulerChoice = Literal["ddim", "keep"]
+SDXL_TIME_EMBEDDING = 8
+"""Width of the tiny SDXL UNet's embedding of each of SDXL's 6 size/crop numbers (SDXL: 256)."""
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (PR 14205, with `_resolve_dtype`); older
 # releases know only `torch_dtype`, which newer ones still accept with a deprecation warning.
@@ -124,6 +126,9 @@ class TinyPipelineConfig:
     sample_size: int = 8
     """Default latent size: 8 latents = 64 px images, 4×4 tokens at `up_blocks.1`. Any multiple of
     `2 ** (len(block_out_channels) - 1)` works for height/width given at generation time."""
+    sdxl: bool = False
+    """Build a `StableDiffusionXLPipeline`: a second, projecting text encoder, a UNet attending to both encoders'
+    states (twice `text_hidden_size` wide) and SDXL's size/crop time embedding."""
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
@@ -154,13 +159,23 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def build_tiny_pipeline(config: TinyPipelineConfig | None = None) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` with seeded random weights (see `TinyPipelineConfig`), on the CPU."""
+def build_tiny_pipeline(
+    config: TinyPipelineConfig | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A `StableDiffusionPipeline` (or, with `config.sdxl`, an SDXL one) with seeded random weights (see
+    `TinyPipelineConfig`), on the CPU."""
     config = config or TinyPipelineConfig()
     levels = len(config.block_out_channels)
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(config.seed)
+        # SDXL conditions on both encoders' states, and on 6 size/crop numbers embedded 8-wide each plus the
+        # second encoder's pooled projection.
+        sdxl_conditioning = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=SDXL_TIME_EMBEDDING,
+            projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBEDDING + config.text_hidden_size,
+        )
         unet = UNet2DConditionModel(
             sample_size=config.sample_size,
             in_channels=4,
@@ -169,10 +184,11 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None) -> StableDiffu
             layers_per_block=config.layers_per_block,
             down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=config.text_hidden_size,
+            cross_attention_dim=config.text_hidden_size * (2 if config.sdxl else 1),
             # diffusers' legacy naming: for SD UNets `attention_head_dim` is the number of heads.
             attention_head_dim=config.attention_heads,
             norm_num_groups=config.norm_num_groups,
+            **(sdxl_conditioning if config.sdxl else {}),
         )
         vae_levels = len(config.vae_block_out_channels)
         vae = AutoencoderKL(
@@ -186,19 +202,20 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None) -> StableDiffu
             norm_num_groups=config.norm_num_groups,
             sample_size=config.sample_size * 2 ** (vae_levels - 1),
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=config.text_hidden_size,
-                intermediate_size=2 * config.text_hidden_size,
-                num_hidden_layers=config.text_layers,
-                num_attention_heads=config.attention_heads,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_hidden_size,
+            intermediate_size=2 * config.text_hidden_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.attention_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=config.text_hidden_size,
         )
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config) if config.sdxl else None
     # SD1.5's noise schedule, so DDIM sampling behaves as on the real model.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -208,16 +225,20 @@ def build_tiny_pipeline(config: TinyPipelineConfig | None = None) -> StableDiffu
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if config.sdxl:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

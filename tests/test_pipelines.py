@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionXLPipeline
 
 import saemnesia
 from saemnesia.hooks import hook_block
-from saemnesia.sae import SaeConfig, SparseAutoencoder
-from saemnesia.stats import ConceptStats
 from saemnesia.pipelines import (
     TinyPipelineConfig,
     build_tiny_pipeline,
@@ -25,6 +22,8 @@ from saemnesia.pipelines import (
     load_pipeline,
     save_tiny_pipeline,
 )
+from saemnesia.sae import SaeConfig, SparseAutoencoder
+from saemnesia.stats import ConceptStats
 
 PROMPTS = ["An image of Bears.", "An image of Cats in Cubism style."]
 
@@ -114,29 +113,10 @@ def test_tiny_config_and_save_refuse_bad_input(tiny_pipeline_dir):
         save_tiny_pipeline(tiny_pipeline_dir)
 
 
-def save_tiny_sdxl(folder: Path) -> Path:
-    """An SDXL pipeline reusing the tiny SD parts: a second (projecting) text encoder and a UNet
-    conditioned on both encoders (64 + 64 = 128) plus SDXL's size/crop "text_time" embedding."""
-    base = build_tiny_pipeline()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=4, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64,
-    )
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**base.text_encoder.config.to_dict(),
-                                                                   "projection_dim": 64}))
-    StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_encoder_2, tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer, unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True),
-    ).save_pretrained(folder)
-    return folder
-
-
 def test_sdxl_folder_loads_with_ddim_and_its_unet_calls_map_to_steps(tmp_path):
-    pipe = load_pipeline(save_tiny_sdxl(tmp_path / "tiny-sdxl"))
-    assert isinstance(pipe, StableDiffusionXLPipeline)
+    folder = save_tiny_pipeline(tmp_path / "tiny-sdxl", TinyPipelineConfig(sdxl=True))
+    pipe = load_pipeline(copy_with_index(folder, tmp_path / "pndm", scheduler=["diffusers", "PNDMScheduler"]))
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.text_encoder_2.config.projection_dim == 64
     assert isinstance(pipe.scheduler, DDIMScheduler)
     steps: list[int] = []
     with hook_block(pipe, "unet.up_blocks.1.attentions.1", lambda hidden, context: steps.append(context.step)):
@@ -148,7 +128,7 @@ def test_sdxl_folder_loads_with_ddim_and_its_unet_calls_map_to_steps(tmp_path):
 def test_the_python_api_erases_and_captures_in_an_sdxl_pipeline(tmp_path):
     """`saemnesia.erase` and `capture` on the pipeline class diffusers loads for SDXL: two text encoders and the
     size/crop time embeddings, the same hookpoint layout."""
-    pipe = load_pipeline(save_tiny_sdxl(tmp_path / "tiny-sdxl"))
+    pipe = load_pipeline(save_tiny_pipeline(tmp_path / "tiny-sdxl", TinyPipelineConfig(sdxl=True)))
     torch.manual_seed(0)
     sae = SparseAutoencoder(64, SaeConfig(num_latents=256, k=8))
     stats = ConceptStats(["A", "B"], torch.rand(2, 5, 256) * 0.05, torch.tensor([4, 4]))  # [C, T, L], 5 steps
