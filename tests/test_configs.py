@@ -18,7 +18,7 @@ from saemnesia.toy import TOY_OBJECTS, TOY_STYLES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.relative_to(REPO / "configs").as_posix() for path in (REPO / "configs").rglob("*.yaml"))
-EXPERIMENTS = ("toy", "sd15_unlearncanvas")
+EXPERIMENTS = ("toy", "sd15_unlearncanvas", "sdxl")
 SHARED = "generation.yaml"
 """The file of an experiment that its predict runs include (`config: generation.yaml`)."""
 GENERATION_RUNS = ("cache", "stats", "sweep", "unlearn")
@@ -68,7 +68,8 @@ def test_every_config_parses(config):
 
 @pytest.mark.parametrize(("experiment", "step"), [
     *((experiment, step) for experiment in EXPERIMENTS for step in GENERATION_RUNS),
-    *((experiment, step) for experiment in EXPERIMENTS for step in STYLE_RUNS), ("toy", "unlearn_sequential")])
+    *((experiment, step) for experiment in ("toy", "sd15_unlearncanvas") for step in STYLE_RUNS),
+    ("toy", "unlearn_sequential")])
 def test_predict_runs_take_the_shared_values_and_restate_none(experiment, step):
     raw = yaml.safe_load((REPO / "configs" / experiment / f"{step}.yaml").read_text())
     assert raw.get("config") == SHARED, f"configs/{experiment}/{step}.yaml must include {SHARED}"
