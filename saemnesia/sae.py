@@ -268,7 +268,13 @@ class SparseAutoencoder(nn.Module):
              dtype: torch.dtype | None = None) -> SparseAutoencoder:
         """Load a checkpoint folder, or `path/hookpoint` when `path` is a parent of per-hookpoint SAE folders;
         accepts the legacy `state_dict.pth` layout too, and either on the Hub (`hf://owner/repo[@revision][/path]`)."""
-        config, state = read_checkpoint(local_path(path), hookpoint)
+        local = local_path(path)
+        try:
+            config, state = read_checkpoint(local, hookpoint)
+        except (FileNotFoundError, ValueError) as error:
+            if local == Path(path):
+                raise
+            raise type(error)(f"{path} (fetched to {local}): {error}") from error
         known = {field.name for field in fields(SaeConfig)}
         cfg = SaeConfig(**{key: value for key, value in config.items() if key in known})
         sae = cls(config["d_in"], cfg, device="meta")

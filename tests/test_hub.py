@@ -60,6 +60,11 @@ def test_the_eraser_loads_its_sae_statistics_and_params_from_the_hub_cache_offli
     assert result.returncode == 0, result.stderr
     local = SparseAutoencoder.load(snapshot, HOOKPOINT)
     assert json.loads(result.stdout.splitlines()[-1]) == [local.checkpoint_digest, 3]
+    cached_repo(tmp_path / "hub", "owner/empty")
+    no_sae = offline("import saemnesia; saemnesia.SparseAutoencoder.load('hf://owner/empty', 'unet.x')",
+                     tmp_path / "hub")
+    assert "FileNotFoundError: hf://owner/empty (fetched to " in no_sae.stderr
+    assert "has no hookpoint folder 'unet.x'; found []." in no_sae.stderr
     missing = offline("import saemnesia; saemnesia.SparseAutoencoder.load('hf://owner/absent')", tmp_path / "hub")
     assert missing.returncode != 0
     assert ("FileNotFoundError: hf://owner/absent is not in the Hugging Face cache and the Hub cannot be reached "
