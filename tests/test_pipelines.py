@@ -139,3 +139,17 @@ def test_the_python_api_erases_and_captures_in_an_sdxl_pipeline(tmp_path):
     assert activations.stack().shape == (4, 5, 16, 64)  # both CFG halves of 2 prompts, 5 steps, 4×4 tokens
     assert not torch.allclose(erased, unerased, atol=1e-3)
     torch.testing.assert_close(generate(pipe, "latent", guidance_scale=5.0), unerased)  # unhooked on exit
+
+
+def test_erase_rewrites_a_float16_pipeline_with_a_float32_sae(tiny_pipeline_dir):
+    """The eraser runs its rule in the SAE's float32 and hands the block float16 back, as on a GPU (here on the CPU)."""
+    pipe = load_pipeline(tiny_pipeline_dir, dtype="float16")
+    torch.manual_seed(0)
+    stats = ConceptStats(["A", "B"], torch.rand(2, 5, 256) * 0.05, torch.tensor([4, 4]))  # [C, T, L], 5 steps
+    eraser = saemnesia.ConceptEraser(SparseAutoencoder(64, SaeConfig(num_latents=256, k=8)), stats,
+                                     {"A": {"percentile": 99.0, "multiplier": -10.0}})
+    unerased = generate(pipe, "latent")
+    with saemnesia.erase(pipe, eraser):
+        erased = generate(pipe, "latent")
+    assert erased.dtype == torch.float16 and torch.isfinite(erased).all()
+    assert (erased.float() - unerased.float()).abs().max() > 1e-2
