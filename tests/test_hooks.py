@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+import saemnesia
 from saemnesia.hooks import (
     ActivationCapture,
     HookContext,
@@ -207,3 +208,16 @@ def test_block_outputs_of_every_container_type_are_read_and_rewrapped(output):
     assert _block_hidden(rewrapped) is replacement
     if isinstance(output, tuple):
         assert rewrapped[1:] == output[1:]
+
+
+def test_erase_refuses_a_pipeline_without_guidance_and_a_block_outside_the_unet(tiny_pipeline):
+    unchanged = SimpleNamespace(num_steps=3, apply=lambda hidden, step: hidden)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+    with pytest.raises(ValueError, match="DDPMPipeline is not a UNet pipeline with guidance; expected SD or SDXL."):
+        with saemnesia.erase(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), unchanged, "unet.mid_block"):
+            pass
+    with pytest.raises(ValueError, match="Hookpoint 'vae.decoder.mid_block' is not inside the UNet; expected a path "
+                                         "starting with 'unet.'."):
+        with saemnesia.erase(tiny_pipeline, unchanged, "vae.decoder.mid_block"):
+            pass
