@@ -20,13 +20,15 @@ from PIL import Image
 from datamodules.images import ImageRecord, load_image, read_manifest
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.io import atomic_write_bytes
+from saemnesia.metrics import Scores
 
 
 def no_erasure_scores(reference: Mapping[str, Any]) -> dict[str, float]:
     """UA / IRA / CRA without erasure (docs/method.md §6 on the reference images): UA_c = 1 − acc(c) and IRA_c is the
     other objects' mean accuracy, so their means over c are 1 − and + the mean object accuracy."""
     object_accuracy = mean(reference["per_object"].values())
-    return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values())}
+    return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values()),
+            "TR": mean(reference["per_style"].values())}  # unerased, TR is the style accuracy: balanced sets
 
 
 def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Mapping[str, int]) -> str:
@@ -35,29 +37,30 @@ def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Ma
     reference = next(result["reference"] for result in results.values() if result.get("reference"))
     rows = [("no erasure", no_erasure_scores(reference), "–")]
     rows += [(label, result["objects"], str(search_candidates[label])) for label, result in results.items()]
-    lines = ["| eraser | UA | IRA | CRA | search candidates |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | {100 * scores['UA']:.1f} | {100 * scores['IRA']:.1f} | {100 * scores['CRA']:.1f} | {runs} |"
-              for label, scores, runs in rows]
+    lines = ["| eraser | UA | IRA | CRA | TR | search candidates |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {_percent_cells(scores)} | {runs} |" for label, scores, runs in rows]
     return "\n".join(lines) + "\n"
 
 
 def style_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table, in %: each eraser's mean style-unlearning scores (UA and IRA by style, CRA by object)."""
-    lines = ["| eraser | UA | IRA | CRA |", "|---|---|---|---|"]
+    """Markdown table, in %: each eraser's mean style-unlearning scores (UA and IRA by style, CRA by object, TR the
+    class accuracy of the erased style's own images)."""
+    lines = ["| eraser | UA | IRA | CRA | TR |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {_percent_cells(result['styles'])} |" for label, result in results.items()]
     return "\n".join(lines) + "\n"
 
 
 def sequential_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table, in %: per eraser and number n of erased objects, UA over the erased, IRA over the rest, CRA."""
-    lines = ["| eraser | objects erased | UA | IRA | CRA |", "|---|---|---|---|---|"]
+    """Markdown table, in %: per eraser and number n of erased objects, UA over the erased, IRA over the rest, CRA,
+    TR over the erased."""
+    lines = ["| eraser | objects erased | UA | IRA | CRA | TR |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {len(row['erased'])} | {_percent_cells(row)} |"
               for label, result in results.items() for row in result["sequential"]]
     return "\n".join(lines) + "\n"
 
 
 def _percent_cells(scores: Mapping[str, Any]) -> str:
-    return " | ".join("–" if scores[key] is None else f"{100 * scores[key]:.1f}" for key in ("UA", "IRA", "CRA"))
+    return " | ".join("–" if scores[key] is None else f"{100 * scores[key]:.1f}" for key in Scores._fields)
 
 
 def write_sequential_plot(path: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:

@@ -25,7 +25,7 @@ from saemnesia.class_params import Candidate
 from saemnesia.classifiers import ClassifierConfig, load_classifier
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.io import atomic_write_text
-from saemnesia.metrics import AccuracyCounts, AccuracyTable, UnlearningCounts, summarize
+from saemnesia.metrics import AccuracyCounts, AccuracyTable, Scores, UnlearningCounts, summarize
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -187,11 +187,11 @@ def scalars(results: dict[str, Any], prefix: str = "test") -> tuple[dict[str, fl
     means, per_target = {}, {}
     for kind in ("objects", "styles"):
         if results[kind] is not None:
-            means |= {f"{prefix}/{kind}/{key}": results[kind][key] for key in ("UA", "IRA", "CRA")}
+            means |= {f"{prefix}/{kind}/{key}": results[kind][key] for key in Scores._fields}
             per_target |= {f"{prefix}/{kind}/{key}/{target}": scores[key]
-                           for target, scores in results[kind]["per_target"].items() for key in ("UA", "IRA", "CRA")}
+                           for target, scores in results[kind]["per_target"].items() for key in Scores._fields}
     for row in results["sequential"]:
-        per_target |= {f"{prefix}/sequential/{key}/{row['target']}": row[key] for key in ("UA", "IRA", "CRA")}
+        per_target |= {f"{prefix}/sequential/{key}/{row['target']}": row[key] for key in Scores._fields}
     if results["reference"] is not None:
         means |= {f"{prefix}/reference/{key}": results["reference"][key]
                   for key in ("object_accuracy", "style_accuracy")}
@@ -211,8 +211,8 @@ def _no_nan(value: Any) -> Any:
 
 
 def _cells(scores: dict[str, Any], bold: bool = False) -> str:
-    """`UA | IRA | CRA` in %, a dash for a score over nothing."""
-    cells = ("–" if scores[key] is None else f"{100 * scores[key]:.2f}" for key in ("UA", "IRA", "CRA"))
+    """`UA | IRA | CRA | TR` in %, a dash for a score over nothing."""
+    cells = ("–" if scores[key] is None else f"{100 * scores[key]:.2f}" for key in Scores._fields)
     return " | ".join(f"**{cell}**" if bold else cell for cell in cells)
 
 
@@ -236,12 +236,12 @@ def _section_lines(section: dict[str, Any], heading: str) -> list[str]:
         scores_of_kind = section[kind]
         if scores_of_kind is not None:
             lines += [f"{heading} {title} ({len(scores_of_kind['per_target'])} targets)", "",
-                      "| target | UA ↑ | IRA ↑ | CRA ↑ |", "|---|---:|---:|---:|"]
+                      "| target | UA ↑ | IRA ↑ | CRA ↑ | TR ↑ |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {target} | {_cells(scores)} |" for target, scores in scores_of_kind["per_target"].items()]
             lines += [f"| **mean** | {_cells(scores_of_kind, bold=True)} |", ""]
     if section["sequential"]:
-        lines += [f"{heading} Sequential unlearning", "", "| target | erased | UA ↑ | IRA ↑ | CRA ↑ |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [f"{heading} Sequential unlearning", "", "| target | erased | UA ↑ | IRA ↑ | CRA ↑ | TR ↑ |",
+                  "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {row['target']} | {len(row['erased'])} | {_cells(row)} |" for row in section["sequential"]]
         lines.append("")
     reference = section["reference"]

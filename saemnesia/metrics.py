@@ -10,6 +10,9 @@ are summed over DDP ranks, so one process and several give the same numbers; `Ac
 - Style erasure of style s: UA over s's images by style accuracy, IRA over the other styles, CRA = mean class
   accuracy.
 - Sequential erasure of several concepts: UA = mean over the erased ones of (1 − accuracy), IRA over the rest.
+- Target retention (TR), for every erasure: the cross-domain accuracy on the erased concept's own images, what the
+  eraser kept of the picture around the concept. For class c the style accuracy of c's styled images (target style
+  retention); for style s the class accuracy of s's images; for several erased concepts the mean over them.
 - A target that erases nothing gives the reference accuracies of the unerased model.
 Means over classes and styles are unweighted (each class or style counts once), as in the published protocol.
 """
@@ -85,6 +88,8 @@ class Scores(NamedTuple):
     UA: float
     IRA: float
     CRA: float
+    TR: float
+    """Target retention: the other classifier's accuracy on the erased concepts' own images (module docstring)."""
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -122,6 +127,18 @@ class AccuracyTable:
         images, hits = self.counts.images[t, :, :-1].sum(0), self.counts.style_hits[t, :, :-1].sum(0)  # [S]
         return {name: hits[s].item() / images[s].item() for s, name in enumerate(self.styles) if images[s] > 0}
 
+    def retention(self, target: str, concept: str) -> float:
+        """Style accuracy of the styled images of class `concept`, or class accuracy of the images of style `concept`,
+        in `target`; NaN without such images."""
+        t = self.targets.index(target)
+        if concept in self.objects:
+            o = self.objects.index(concept)
+            images, hits = self.counts.images[t, o, :-1].sum(), self.counts.style_hits[t, o, :-1].sum()
+        else:
+            s = self.styles.index(concept)
+            images, hits = self.counts.images[t, :, s].sum(), self.counts.object_hits[t, :, s].sum()
+        return hits.item() / images.item() if images > 0 else math.nan
+
     def scores(self, target: str, erased: Sequence[str]) -> Scores:
         """UA / IRA / CRA of `target`, whose images were generated with the concepts `erased` removed."""
         objects, styles = self.object_accuracy(target), self.style_accuracy(target)
@@ -137,7 +154,7 @@ class AccuracyTable:
             raise ValueError(f"Target {target!r} has no images of its erased concepts {missing}, so UA is undefined.")
         return Scores(UA=_mean(1 - domain[name] for name in erased),
                       IRA=_mean(accuracy for name, accuracy in domain.items() if name not in erased),
-                      CRA=_mean(cross.values()))
+                      CRA=_mean(cross.values()), TR=_mean(self.retention(target, name) for name in erased))
 
 
 def _section(table: AccuracyTable, erased: dict[str, list[str]]) -> dict[str, Any]:

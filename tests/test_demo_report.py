@@ -20,24 +20,24 @@ OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)
 
 def test_report_table_rows_in_percent():
     reference = {"per_object": {"Cats": 0.9, "Dogs": 0.7}, "per_style": {"Cubism": 1.0, "Monet": 0.5}}
-    assert no_erasure_scores(reference) == pytest.approx({"UA": 0.2, "IRA": 0.8, "CRA": 0.75})
-    results = {"baseline": {"objects": {"UA": 0.5, "IRA": 0.625, "CRA": 0.7}, "reference": None},
-               "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85}, "reference": reference}}
+    assert no_erasure_scores(reference) == pytest.approx({"UA": 0.2, "IRA": 0.8, "CRA": 0.75, "TR": 0.75})
+    results = {"baseline": {"objects": {"UA": 0.5, "IRA": 0.625, "CRA": 0.7, "TR": 0.5}, "reference": None},
+               "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85, "TR": None}, "reference": reference}}
     rows = report_table(results, {"baseline": 6, "ours": 7}).splitlines()
-    assert rows[2:] == ["| no erasure | 20.0 | 80.0 | 75.0 | – |", "| baseline | 50.0 | 62.5 | 70.0 | 6 |",
-                        "| ours | 95.0 | 90.0 | 85.0 | 7 |"]
+    assert rows[2:] == ["| no erasure | 20.0 | 80.0 | 75.0 | 75.0 | – |",
+                        "| baseline | 50.0 | 62.5 | 70.0 | 50.0 | 6 |", "| ours | 95.0 | 90.0 | 85.0 | – | 7 |"]
 
 
 def test_style_and_sequential_tables_in_percent_and_the_plot(tmp_path):
-    styles = {"baseline": {"styles": {"UA": 0.5, "IRA": 0.875, "CRA": None}}, "ours": {"styles": {
-        "UA": 1.0, "IRA": 0.9375, "CRA": 0.95}}}
-    assert style_table(styles).splitlines()[2:] == ["| baseline | 50.0 | 87.5 | – |",
-                                                    "| ours | 100.0 | 93.8 | 95.0 |"]
-    rows = [{"erased": ["A"], "UA": 1.0, "IRA": 0.5, "CRA": 0.25}, {"erased": ["A", "B"], "UA": 0.75, "IRA": None,
-                                                                     "CRA": 0.125}]
+    styles = {"baseline": {"styles": {"UA": 0.5, "IRA": 0.875, "CRA": None, "TR": 0.25}}, "ours": {"styles": {
+        "UA": 1.0, "IRA": 0.9375, "CRA": 0.95, "TR": 0.5}}}
+    assert style_table(styles).splitlines()[2:] == ["| baseline | 50.0 | 87.5 | – | 25.0 |",
+                                                    "| ours | 100.0 | 93.8 | 95.0 | 50.0 |"]
+    rows = [{"erased": ["A"], "UA": 1.0, "IRA": 0.5, "CRA": 0.25, "TR": 0.0},
+            {"erased": ["A", "B"], "UA": 0.75, "IRA": None, "CRA": 0.125, "TR": 0.5}]
     sequential = {"ours": {"sequential": rows}}
-    assert sequential_table(sequential).splitlines()[2:] == ["| ours | 1 | 100.0 | 50.0 | 25.0 |",
-                                                             "| ours | 2 | 75.0 | – | 12.5 |"]
+    assert sequential_table(sequential).splitlines()[2:] == ["| ours | 1 | 100.0 | 50.0 | 25.0 | 0.0 |",
+                                                             "| ours | 2 | 75.0 | – | 12.5 | 50.0 |"]
     with Image.open(write_sequential_plot(tmp_path / "plot.png", sequential)) as plot:
         assert plot.format == "PNG" and plot.size == (1000, 320)
 

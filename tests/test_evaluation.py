@@ -119,6 +119,9 @@ def check_results(results: dict) -> None:
         assert results["objects"][key] == pytest.approx(expected[key])
         for target in ("Circle", "Square"):
             assert results["objects"]["per_target"][target][key] == pytest.approx(expected["per_target"][target][key])
+    # TR counts the erased class's own styled images only: all keep their style (the planted Pop_Art → Blueprint is
+    # a Square's, in Circle's run).
+    assert [results["objects"]["per_target"][target]["TR"] for target in ("Circle", "Square")] == [1.0, 1.0]
     assert results["styles"] is None
     # first_02 erases Circle and Square: both 0/3 → UA 1; Triangle 3/3 → IRA 1; styles all right → CRA 1.
     assert [(row["target"], row["erased"], row["UA"], row["IRA"], row["CRA"]) for row in results["sequential"]] == [
@@ -266,12 +269,13 @@ def test_search_evaluation_scores_each_candidate_and_selects_the_best(toy_workdi
     results = json.loads((toy_workdir / "runs/toy/sweep/results.json").read_text())
     assert [section["params"] for section in results["candidates"]] == [weak._asdict(), strong._asdict()]
     scores = {section["params"]["multiplier"]: section["objects"]["per_target"] for section in results["candidates"]}
-    assert scores[-1.0]["Circle"] == {"UA": 0.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6)}
-    assert scores[-1.0]["Square"] == {"UA": 0.0, "IRA": pytest.approx(5 / 6), "CRA": 1.0}
-    assert scores[-5.0]["Circle"] == {"UA": 1.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6)}
+    assert scores[-1.0]["Circle"] == {"UA": 0.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6), "TR": 1.0}
+    assert scores[-1.0]["Square"] == {"UA": 0.0, "IRA": pytest.approx(5 / 6), "CRA": 1.0, "TR": 1.0}
+    assert scores[-5.0]["Circle"] == {"UA": 1.0, "IRA": 1.0, "CRA": pytest.approx(5 / 6), "TR": 1.0}
     assert results["images"] == 36 and results["targets"]["Circle"] == {"erased": ["Circle"], "images": 18}
     report = (toy_workdir / "runs/toy/sweep/results.md").read_text()
     assert '## Candidate `{"percentile": 99.999, "multiplier": -1.0}`' in report
-    assert "| Circle | 0.00 | 100.00 | 83.33 |" in report and "| Circle | 100.00 | 100.00 | 83.33 |" in report
+    assert "| Circle | 0.00 | 100.00 | 83.33 | 100.00 |" in report
+    assert "| Circle | 100.00 | 100.00 | 83.33 | 100.00 |" in report
     assert load_class_params(toy_workdir / "runs/toy/class_params.json") == {
         "Circle": strong._asdict(), "Square": strong._asdict()}

@@ -24,9 +24,11 @@ ROWS = [
 # Target A: UA = 1 − 1/3 = 2/3; IRA = (1 + 2/3)/2 = 5/6; CRA = (1 + 2/3)/2 = 5/6.
 # Target B: UA = 1 − 0 = 1;     IRA = (1 + 2/3)/2 = 5/6; CRA = (2/3 + 2/3)/2 = 2/3.
 # Means: UA = (2/3 + 1)/2 = 5/6; IRA = 5/6; CRA = (5/6 + 2/3)/2 = 3/4.
-EXPECTED = {"UA": 5 / 6, "IRA": 5 / 6, "CRA": 3 / 4,
-            "per_target": {"A": {"UA": 2 / 3, "IRA": 5 / 6, "CRA": 5 / 6},
-                           "B": {"UA": 1.0, "IRA": 5 / 6, "CRA": 2 / 3}}}
+# Target retention, the style accuracy of the erased class's own styled images: A 2/2 = 1 (A s1 → s1, A s2 → s2);
+# B 1/2 (B s1 → s1, B s2 → s1); mean 3/4.
+EXPECTED = {"UA": 5 / 6, "IRA": 5 / 6, "CRA": 3 / 4, "TR": 3 / 4,
+            "per_target": {"A": {"UA": 2 / 3, "IRA": 5 / 6, "CRA": 5 / 6, "TR": 1.0},
+                           "B": {"UA": 1.0, "IRA": 5 / 6, "CRA": 2 / 3, "TR": 0.5}}}
 OBJECTS, STYLES = ["A", "B", "C"], ["s1", "s2"]
 
 
@@ -78,12 +80,14 @@ def test_style_sequential_and_reference_variants():
     table = AccuracyTable(targets, OBJECTS, STYLES, counts_of(rows, targets).compute())
     report = summarize(table, {"s1": ["s1"], "B": ["A", "B"], "ref": []})
     assert report["objects"] is None
-    # Style erasure of s1: UA = 1 − 3/3 = 0, IRA = acc(s2) = 2/3, CRA = mean class accuracy (1/3 + 1 + 2/3)/3.
-    assert_scores_close(report["styles"], {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3,
-                                           "per_target": {"s1": {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3}}})
-    # Sequential erasure of A and B in B: UA = ((1 − 1) + (1 − 0))/2 = 1/2, IRA = acc(C) = 2/3, CRA = 2/3.
+    # Style erasure of s1: UA = 1 − 3/3 = 0, IRA = acc(s2) = 2/3, CRA = mean class accuracy (1/3 + 1 + 2/3)/3,
+    # TR = class accuracy of s1's own images 2/3 (A s1 → B, B s1 → B, C s1 → C).
+    assert_scores_close(report["styles"], {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3, "TR": 2 / 3,
+                                           "per_target": {"s1": {"UA": 0.0, "IRA": 2 / 3, "CRA": 2 / 3, "TR": 2 / 3}}})
+    # Sequential erasure of A and B in B: UA = ((1 − 1) + (1 − 0))/2 = 1/2, IRA = acc(C) = 2/3, CRA = 2/3,
+    # TR = (style accuracy of A's styled images 2/2 + of B's 1/2)/2 = 3/4.
     assert len(report["sequential"]) == 1
-    assert_scores_close(report["sequential"][0], {"UA": 0.5, "IRA": 2 / 3, "CRA": 2 / 3})
+    assert_scores_close(report["sequential"][0], {"UA": 0.5, "IRA": 2 / 3, "CRA": 2 / 3, "TR": 0.75})
     assert report["sequential"][0]["erased"] == ["A", "B"]
     # A sequence's first step erases one concept, yet it is a row of the sequence, not an object target.
     first = summarize(table, {"s1": ["s1"], "B": ["A"], "ref": []})
