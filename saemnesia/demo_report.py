@@ -24,11 +24,12 @@ from saemnesia.metrics import Scores
 
 
 def no_erasure_scores(reference: Mapping[str, Any]) -> dict[str, float]:
-    """UA / IRA / CRA without erasure (docs/method.md §6 on the reference images): UA_c = 1 − acc(c) and IRA_c is the
-    other objects' mean accuracy, so their means over c are 1 − and + the mean object accuracy."""
+    """UA / IRA / CRA / TR without erasure (docs/method.md §6 on the reference images): UA_c = 1 − acc(c) and IRA_c is
+    the other objects' mean accuracy, so their means over c are 1 − and + the mean object accuracy; TR_c is the style
+    accuracy of c's styled images."""
     object_accuracy = mean(reference["per_object"].values())
     return {"UA": 1 - object_accuracy, "IRA": object_accuracy, "CRA": mean(reference["per_style"].values()),
-            "TR": mean(reference["per_style"].values())}  # unerased, TR is the style accuracy: balanced sets
+            "TR": mean(reference["per_object_style"].values())}
 
 
 def report_table(results: Mapping[str, Mapping[str, Any]], search_candidates: Mapping[str, int]) -> str:

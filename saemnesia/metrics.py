@@ -186,7 +186,9 @@ def summarize(table: AccuracyTable, erased_by_target: Mapping[str, Sequence[str]
             "object_accuracy": _mean(table.object_accuracy(reference[0]).values()),
             "style_accuracy": _mean(table.style_accuracy(reference[0]).values()),
             "per_object": table.object_accuracy(reference[0]),
-            "per_style": table.style_accuracy(reference[0])},
+            "per_style": table.style_accuracy(reference[0]),
+            "per_object_style": {name: table.retention(reference[0], name) for name in table.object_accuracy(
+                reference[0])}},  # each class's styled images' style accuracy: TR without erasure
     }
 
 

@@ -19,7 +19,8 @@ OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)
 
 
 def test_report_table_rows_in_percent():
-    reference = {"per_object": {"Cats": 0.9, "Dogs": 0.7}, "per_style": {"Cubism": 1.0, "Monet": 0.5}}
+    reference = {"per_object": {"Cats": 0.9, "Dogs": 0.7}, "per_style": {"Cubism": 1.0, "Monet": 0.5},
+                 "per_object_style": {"Cats": 1.0, "Dogs": 0.5}}
     assert no_erasure_scores(reference) == pytest.approx({"UA": 0.2, "IRA": 0.8, "CRA": 0.75, "TR": 0.75})
     results = {"baseline": {"objects": {"UA": 0.5, "IRA": 0.625, "CRA": 0.7, "TR": 0.5}, "reference": None},
                "ours": {"objects": {"UA": 0.95, "IRA": 0.9, "CRA": 0.85, "TR": None}, "reference": reference}}

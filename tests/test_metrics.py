@@ -95,7 +95,9 @@ def test_style_sequential_and_reference_variants():
     # Reference = B's images: class accuracies 1, 0, 2/3 and style accuracies 2/3, 2/3.
     assert_scores_close(report["reference"], {"object_accuracy": 5 / 9, "style_accuracy": 2 / 3,
                                               "per_object": {"A": 1.0, "B": 0.0, "C": 2 / 3},
-                                              "per_style": {"s1": 2 / 3, "s2": 2 / 3}})
+                                              "per_style": {"s1": 2 / 3, "s2": 2 / 3},
+                                              # B's run: A s1, s2 right; B s2 → s1; C s1 → s2.
+                                              "per_object_style": {"A": 1.0, "B": 0.5, "C": 0.5}})
     # Confusion matrices: target B's classes A → A ×3, B → C ×2 and A ×1, C → C ×2 and B ×1.
     torch.testing.assert_close(table.counts.object_confusion[1], torch.tensor([[3, 0, 0], [1, 0, 2], [0, 1, 2]]))
 
