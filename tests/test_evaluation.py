@@ -204,11 +204,12 @@ def test_objects_unknown_to_the_classifier_are_refused(toy_workdir):
         main(["test", "-c", CONFIG, *QUIET, "--model.init_args.object_classifier.checkpoint=two"])
 
 
-def write_search(path: Path, candidates: list[tuple[dict, dict[str, tuple[float, float]], dict | None]]) -> Path:
-    """A hand-made search `results.json`: per candidate its params and, per erased concept, (UA, IRA)."""
-    def section(scores: dict[str, tuple[float, float]] | None) -> dict | None:
+def write_search(path: Path, candidates: list[tuple[dict, dict[str, tuple[float, ...]], dict | None]]) -> Path:
+    """A hand-made search `results.json`: per candidate its params and, per erased concept, (UA, IRA[, TR])."""
+    def section(scores: dict[str, tuple[float, ...]] | None) -> dict | None:
         return None if not scores else {"per_target": {
-            concept: {"UA": ua, "IRA": ira, "CRA": 0.5} for concept, (ua, ira) in scores.items()}}
+            concept: {"UA": ua, "IRA": ira, "CRA": 0.5, **({"TR": tr[0]} if tr else {})}
+            for concept, (ua, ira, *tr) in scores.items()}}
 
     concepts = {concept for _, objects, styles in candidates for concept in [*objects, *(styles or {})]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +244,24 @@ def test_class_params_selector_keeps_the_best_mean_of_ua_and_ira(tmp_path):
     with pytest.raises(ValueError,
                        match=r"ClassParamsSelector.ties must be one of \['milder', 'stronger'\], got 'random'"):
         ClassParamsSelector(["cp.json"], ties="random")
+
+
+def test_the_selector_can_weigh_what_the_eraser_keeps(tmp_path):
+    # Bears: -5 → (UA, IRA, TR) (0.9, 0.8, 0.9): published 0.85, with retention 2.6/3; -10 → (1.0, 0.8, 0.2): 0.9 and
+    # 2.0/3. The published rule takes -10, the one with retention -5.
+    results = write_search(tmp_path / "sweep/results.json", [
+        ({"percentile": 99.999, "multiplier": -5.0}, {"Bears": (0.9, 0.8, 0.9)}, None),
+        ({"percentile": 99.999, "multiplier": -10.0}, {"Bears": (1.0, 0.8, 0.2)}, None)])
+    assert select_class_params(results)["Bears"]["multiplier"] == -10.0
+    chosen = ClassParamsSelector([str(tmp_path / "cp.json")], objective="with_retention").select(results)
+    assert chosen["Bears"]["multiplier"] == -5.0
+    write_search(results, [({"percentile": 99.999, "multiplier": -5.0}, {"Bears": (0.9, 0.8)}, None)])
+    with pytest.raises(ValueError, match=r"objective 'with_retention' needs each candidate's TR, which the evaluation "
+                                         r"of p99.999_m-5 lacks"):
+        select_class_params(results, objective="with_retention")
+    with pytest.raises(ValueError, match=r"ClassParamsSelector.objective must be one of \['published', "
+                                         r"'with_retention'\], got 'best'"):
+        ClassParamsSelector(["cp.json"], objective="best")
     with pytest.raises(ValueError, match=r"outputs \['cp.txt'\] must end in .json or .pth"):
         ClassParamsSelector(["cp.txt"])
 
