@@ -181,7 +181,8 @@ def hooked_generation_cost(config: EraserBenchmarkConfig) -> dict[str, float]:
         unhooked_s, hooked_s, mixed_s, grouped_s = (
             time_call(generate, warmup=config.warmup, repeats=config.generation_repeats, device=config.device).per_call
             for generate in (partial(module.generate, items), partial(module.generate, erasing),
-                             partial(module.generate, mixed), lambda: [module.generate(group) for group in per_concept]))
+                             partial(module.generate, mixed),
+                             lambda: [module.generate(group) for group in per_concept]))
     return {"unhooked_s": unhooked_s, "hooked_s": hooked_s, "hooked_over_unhooked": hooked_s / unhooked_s,
             "mixed_s": mixed_s, "per_concept_s": grouped_s, "mixed_over_per_concept": mixed_s / grouped_s}
 

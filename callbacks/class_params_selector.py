@@ -6,8 +6,9 @@ its `results.json` holds one report per candidate under `candidates`.
 
 For each concept erased alone, the selector keeps the candidate maximising `(UA_c + IRA_c) / 2` (`objective:
 published`), or `(UA_c + IRA_c + TR_c) / 3` (`objective: with_retention`), which also weighs what the eraser kept of
-the concept's own images (target retention, saemnesia/metrics.py). docs/method.md §5 leaves ties open. `ties="milder"` (the default) gives them to the smaller |multiplier|, then to the larger percentile
-(fewer latents); `ties="stronger"` to the larger |multiplier|, then to the smaller percentile. With few validation
+the concept's own images (target retention, saemnesia/metrics.py). docs/method.md §5 leaves ties open.
+`ties="milder"` (the default) gives them to the smaller |multiplier|, then to the larger percentile (fewer latents);
+`ties="stronger"` to the larger |multiplier|, then to the smaller percentile. With few validation
 images per concept, ties are common (every multiplier past some strength erases all of them); which rule suits a
 setting is discussed in docs/toycanvas.md, "Ties".
 """

@@ -26,8 +26,7 @@ from callbacks.sae_export import FIT_COMPLETE
 from cli import main as cli_main
 from saemnesia.class_params import SAEMNESIA_MULTIPLIERS, SAEMNESIA_PERCENTILE, ConceptParams, top_latents_percentile
 from saemnesia.concepts import NO_ERASURE
-from saemnesia.demo_report import (report_table, sequential_table, style_table, write_sample_grid,
-                                   write_sequential_plot)
+from saemnesia.demo_report import report_table, sequential_table, style_table, write_sample_grid, write_sequential_plot
 from saemnesia.evaluation import RESULTS_JSON
 from saemnesia.io import atomic_write_text
 from saemnesia.toy import TOY_OBJECTS, TOY_STYLES

@@ -19,6 +19,7 @@ from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser
 
+
 @dataclass
 class ErasureConfig:
     """Where the erasure's SAE, statistics and per-concept parameters come from, and how the output is rebuilt."""

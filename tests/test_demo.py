@@ -15,8 +15,17 @@ from PIL import Image
 
 from callbacks.class_params_selector import select_class_params
 from cli import main as cli_main
-from saemnesia.demo import (REPO, REPORT_DIR, SEQUENTIAL, STYLES, TOP_LATENTS_PERCENTILES, DemoSetting,
-                            compared_erasers, erasure_overrides, main)
+from saemnesia.demo import (
+    REPO,
+    REPORT_DIR,
+    SEQUENTIAL,
+    STYLES,
+    TOP_LATENTS_PERCENTILES,
+    DemoSetting,
+    compared_erasers,
+    erasure_overrides,
+    main,
+)
 from saemnesia.toy import ASSETS_DIR, TOY_PIPELINE_DIR
 
 MIN_MEAN_DROP = 0.5  # mean over targets of the erased object's accuracy drop against the unerased images

@@ -11,8 +11,14 @@ import yaml
 from PIL import Image
 
 from saemnesia.demo import REPO, TOY_NUM_LATENTS
-from saemnesia.demo_report import (no_erasure_scores, report_table, sequential_table, style_table,
-                                   write_sample_grid, write_sequential_plot)
+from saemnesia.demo_report import (
+    no_erasure_scores,
+    report_table,
+    sequential_table,
+    style_table,
+    write_sample_grid,
+    write_sequential_plot,
+)
 from saemnesia.toy import TOY_PIPELINE_DIR
 
 OBJECTS, STYLES = ("Cats", "Dogs"), ("Cubism", None)

@@ -90,7 +90,8 @@ def test_sample_topk_keeps_k_per_sample():
         torch.testing.assert_close(dense[sample], torch.where(pre >= threshold, pre, 0.0))
     reference = dense.reshape(12, 24) @ sae.W_dec.detach() + sae.b_dec.detach()  # [12, 6]
     variance = ((x.reshape(12, 6) - x.reshape(12, 6).mean(0)) ** 2).sum()
-    assert sae(x).fvu.item() == pytest.approx((((reference - x.reshape(12, 6)) ** 2).sum() / variance).item(), rel=1e-10)
+    expected_fvu = (((reference - x.reshape(12, 6)) ** 2).sum() / variance).item()
+    assert sae(x).fvu.item() == pytest.approx(expected_fvu, rel=1e-10)
     with pytest.raises(ValueError, match="sample_topk needs inputs shaped"):
         sae.training_topk(sae.pre_acts(x[0, 0]))
 

@@ -18,12 +18,12 @@ import yaml
 from helpers import QUIET, TINY_PIPELINE
 from PIL import Image
 
+import saemnesia
 from callbacks.image_writer import image_file, jpeg_bytes
 from cli import main
 from datamodules.prompts import PromptDataModule
 from saemnesia.class_params import Candidate, save_class_params
 from saemnesia.concepts import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, ConceptVocabulary
-import saemnesia
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
 from saemnesia.generation import CaptureConfig, HookedDiffusion, image_seed
 from saemnesia.hooks import resolve_hookpoint
@@ -153,7 +153,8 @@ def test_the_python_api_erases_and_captures_as_the_cli_does(toy_cwd):
     block = resolve_hookpoint(pipe, HOOKPOINT)
     for record in manifest(IMAGES):
         noise = torch.Generator().manual_seed(image_seed(record["seed"], record["prompt_id"]))
-        with saemnesia.erase(pipe, eraser, HOOKPOINT), saemnesia.capture(pipe, HOOKPOINT, dtype=torch.float16) as activations:
+        capturing = saemnesia.capture(pipe, HOOKPOINT, dtype=torch.float16)
+        with saemnesia.erase(pipe, eraser, HOOKPOINT), capturing as activations:
             image = pipe(record["prompt"], num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
                          generator=[noise], output_type="pt").images[0]
         assert (IMAGES / record["file"]).read_bytes() == jpeg_bytes(image), record["file"]
