@@ -13,7 +13,7 @@ import json
 from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter

@@ -13,7 +13,7 @@ import json
 import numbers
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -106,6 +106,15 @@ def _as_float(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
         raise ValueError(f"{what} must be a finite number; got {value!r}.")
     return float(value)
+
+
+def entries_for(params: Mapping[str, ConceptParams], concepts: Sequence[str], source: str) -> dict[str, ConceptParams]:
+    """The entries of `concepts`, in their order; a ValueError naming `source` (e.g. the file) and the missing ones."""
+    missing = [concept for concept in concepts if concept not in params]
+    if missing:
+        raise ValueError(f"{source} has no entry for {missing} (it covers {sorted(params)}); add them or search "
+                         "their parameters first.")
+    return {concept: params[concept] for concept in concepts}
 
 
 def save_class_params(path: str | os.PathLike, params: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from saemnesia.class_params import Candidate, ConceptParams, load_class_params
+from saemnesia.class_params import Candidate, ConceptParams, entries_for, load_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 from saemnesia.unlearning import ConceptEraser
@@ -75,13 +75,9 @@ class ErasureBuilder:
         if self.class_params is None:
             raise ValueError(f"Prompt items erase {list(concepts)} without a search candidate and "
                              "model.erasure.class_params is not set; give the class_params file of the search.")
-        missing = [concept for concept in concepts if concept not in self.class_params]
-        if missing:
-            for concept in missing:
-                self.stats.index(concept)  # a concept the statistics lack is reported as such, listing theirs
-            raise ValueError(f"The class_params file {self.config.class_params} has no entry for the target "
-                             f"concepts {missing}; add them or search their parameters first.")
-        return {concept: self.class_params[concept] for concept in concepts}
+        for concept in concepts:
+            self.stats.index(concept)  # a concept the statistics lack is reported as such, listing theirs
+        return entries_for(self.class_params, concepts, f"The class_params file {self.config.class_params}")
 
     def eraser_for(self, concepts: tuple[str, ...], candidate: Candidate | None = None) -> ConceptEraser:
         """The cached eraser of `concepts`, erased at once (a latent shared by several is scaled by the last), with

@@ -115,10 +115,7 @@ class UnlearningEvaluator(pl.LightningModule):
 
     def table(self, candidate: Candidate | None, counts: AccuracyCounts) -> AccuracyTable:
         """The counts of one candidate's images (all images outside a search), over the targets it has images of."""
-        groups, objects, styles = len(self.groups), len(self.object_index), len(self.style_index)
-        # torchmetrics squeezes one-element results of `compute`: the group axis first, as the states are.
-        shapes = ((groups, objects, styles + 1),) * 3 + ((groups, objects, objects), (groups, styles, styles))
-        counts = AccuracyCounts(*(count.reshape(shape) for count, shape in zip(counts, shapes)))
+        counts = counts.reshaped(len(self.groups), len(self.object_index), len(self.style_index))  # [groups, ...]
         targets = [target for target in self.targets if counts.images[self.groups[candidate, target]].sum() > 0]
         rows = [self.groups[candidate, target] for target in targets]
         return AccuracyTable(targets, self.object_classifier.labels, self.style_classifier.labels,

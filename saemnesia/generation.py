@@ -26,7 +26,7 @@ from torch import Tensor
 from saemnesia.class_params import Candidate
 from saemnesia.concepts import NO_ERASURE
 from saemnesia.erasure import ErasureBuilder, ErasureConfig
-from saemnesia.hooks import ActivationCapture, HookContext, hook_block, resolve_hookpoint
+from saemnesia.hooks import PUBLISHED_HOOKPOINT, ActivationCapture, HookContext, hook_block, resolve_hookpoint
 from saemnesia.pipelines import SchedulerChoice, load_pipeline, resolve_dtype
 from saemnesia.unlearning import ConceptEraser
 
@@ -124,7 +124,7 @@ def erase_rows(hidden: Tensor, context: HookContext, erasures: list[RowErasure])
 class HookedDiffusion(pl.LightningModule):
     """Generates a batch of prompt items with a local diffusers pipeline, capturing and/or erasing at a hookpoint."""
 
-    def __init__(self, pipeline: str, hookpoint: str = "unet.up_blocks.1.attentions.1",
+    def __init__(self, pipeline: str, hookpoint: str = PUBLISHED_HOOKPOINT,
                  capture: CaptureConfig | None = None, erasure: ErasureConfig | None = None, num_steps: int = 50,
                  guidance_scale: float = 9.0, height: int = 512, width: int = 512,
                  output_type: Literal["latent", "image"] = "latent", dtype: str = "float32",

@@ -19,6 +19,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
+PUBLISHED_HOOKPOINT = "unet.up_blocks.1.attentions.1"
+"""The SD1.5 block SAeUron and SAEmnesia read and erase at (docs/method.md §1)."""
+
 Halves = Literal["cond", "uncond", "both"]
 HALVES: tuple[str, ...] = get_args(Halves)
 
@@ -243,8 +246,7 @@ class BlockEraser(Protocol):
 
 
 @contextmanager
-def erase(pipe: DiffusionPipeline, eraser: BlockEraser, hookpoint: str = "unet.up_blocks.1.attentions.1"
-          ) -> Iterator[nn.Module]:
+def erase(pipe: DiffusionPipeline, eraser: BlockEraser, hookpoint: str = PUBLISHED_HOOKPOINT) -> Iterator[nn.Module]:
     """Erase with `eraser` while the context is open: every UNet call of `pipe` (any SD 1.x/2.x or SDXL pipeline as
     diffusers loads it) has the output of the block at `hookpoint` rewritten, in both CFG halves, at the sampling
     step the scheduler's timestep names. A generation with another number of steps than the eraser's statistics
@@ -264,7 +266,7 @@ def erase(pipe: DiffusionPipeline, eraser: BlockEraser, hookpoint: str = "unet.u
 
 
 @contextmanager
-def capture(pipe: DiffusionPipeline, hookpoint: str = "unet.up_blocks.1.attentions.1", halves: Halves = "cond",
+def capture(pipe: DiffusionPipeline, hookpoint: str = PUBLISHED_HOOKPOINT, halves: Halves = "cond",
             steps: Collection[int] | None = None, every: int = 1, dtype: torch.dtype | None = None
             ) -> Iterator[ActivationCapture]:
     """Keep the block output at `hookpoint` of one generation of `pipe` as tokens, per sampling step (the CFG half

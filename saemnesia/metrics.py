@@ -45,6 +45,12 @@ class AccuracyCounts(NamedTuple):
     style_confusion: Tensor
     """`[T, S, S]` true style × predicted style, styled images."""
 
+    def reshaped(self, num_targets: int, num_objects: int, num_styles: int) -> AccuracyCounts:
+        """The counts in their shapes again: torchmetrics squeezes one-element results of `compute`."""
+        t, o, s = num_targets, num_objects, num_styles
+        shapes = ((t, o, s + 1),) * 3 + ((t, o, o), (t, s, s))
+        return AccuracyCounts(*(count.reshape(shape) for count, shape in zip(self, shapes)))
+
 
 class UnlearningCounts(Metric):
     """Counts behind UA / IRA / CRA, summed over DDP ranks (`dist_reduce_fx="sum"`).
@@ -109,11 +115,8 @@ class AccuracyTable:
     counts: AccuracyCounts
 
     def __post_init__(self) -> None:
-        # torchmetrics squeezes one-element results of `compute`; restore the shapes, and keep the counts on the CPU.
-        t, o, s = len(self.targets), len(self.objects), len(self.styles)
-        shapes = ((t, o, s + 1),) * 3 + ((t, o, o), (t, s, s))
-        counts = (count.detach().cpu().reshape(shape) for count, shape in zip(self.counts, shapes))
-        object.__setattr__(self, "counts", AccuracyCounts(*counts))
+        counts = AccuracyCounts(*(count.detach().cpu() for count in self.counts))  # kept on the CPU
+        object.__setattr__(self, "counts", counts.reshaped(len(self.targets), len(self.objects), len(self.styles)))
 
     def object_accuracy(self, target: str) -> dict[str, float]:
         """Class accuracy of each class that has images in `target` (all its styles and plain)."""

@@ -90,8 +90,8 @@ def load_pipeline(
     )
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    # Channels-last convolutions: the faster layout for oneDNN on a CPU and for GPU tensor cores (docs/toycanvas.md,
-    # "The demo's wall time"); the results differ only by rounding.
+    # Channels-last convolutions: faster for oneDNN on a CPU (docs/toycanvas.md, "The demo's wall time"; not measured
+    # on a GPU); the results differ only by rounding.
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe.to(device)

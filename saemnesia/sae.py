@@ -167,14 +167,15 @@ class SparseAutoencoder(nn.Module):
         """
         num_latents = pools.shape[-1]
         per_token = min(num_latents, keep, CANDIDATES_PER_TOKEN * self.cfg.k)
-        candidates, latents = pools.topk(per_token, dim=-1, sorted=False)  # [P, n, m]
-        if per_token in (num_latents, keep):  # a sample TopK, or every entry a candidate
-            acts, chosen = candidates.flatten(1).topk(keep, dim=-1, sorted=False)  # [P, keep]; token·m + slot
-            return acts, (chosen // per_token) * num_latents + latents.flatten(1).gather(1, chosen)
-        entries = pools.flatten()  # [n·L]: a batch TopK's single pool
-        if entries.device.type != "cpu":
+        exact = per_token in (num_latents, keep)  # a sample TopK, or every entry a candidate
+        entries = pools.flatten()  # [n·L]: a batch TopK's single pool (used only when not `exact`)
+        if not exact and entries.device.type != "cpu":
             acts, flat = entries.topk(keep, sorted=False)
             return acts[None], flat[None]
+        candidates, latents = pools.topk(per_token, dim=-1, sorted=False)  # [P, n, m]
+        if exact:
+            acts, chosen = candidates.flatten(1).topk(keep, dim=-1, sorted=False)  # [P, keep]; token·m + slot
+            return acts, (chosen // per_token) * num_latents + latents.flatten(1).gather(1, chosen)
         bound = candidates.flatten().topk(keep, sorted=False).values.min()
         above = (entries >= bound).nonzero().squeeze(1)  # [M ≥ keep] positions in the pool
         acts, chosen = entries[above].topk(keep, sorted=False)  # [keep]

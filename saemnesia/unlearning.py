@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saemnesia.class_params import load_class_params, validate_class_params
+from saemnesia.class_params import entries_for, load_class_params, validate_class_params
 from saemnesia.sae import SparseAutoencoder
 from saemnesia.stats import ConceptStats
 
@@ -134,13 +134,10 @@ class ConceptEraser:
         class_params file (`.json`, or the published `.pth`), e.g. a search's choice for every concept. The SAE is
         loaded onto `device`, where the pipeline runs."""
         loaded = SparseAutoencoder.load(sae, hookpoint, device=device)
+        source = "ConceptEraser.from_files params" if isinstance(params, Mapping) else f"The class_params file {params}"
         if not isinstance(params, Mapping):
             params = load_class_params(params)
-        missing = [concept for concept in concepts or [] if concept not in params]
-        if missing:
-            raise ValueError(f"ConceptEraser.from_files: params have no entry for {missing}; they cover "
-                             f"{sorted(params)}.")
-        chosen = {concept: params[concept] for concept in concepts} if concepts is not None else params
+        chosen = entries_for(params, concepts, source) if concepts is not None else params
         return cls(loaded, ConceptStats.read(stats), chosen, error_mode=error_mode, start_step=start_step,
                    use_beta=use_beta)
 

@@ -173,7 +173,8 @@ def test_the_python_api_erases_and_captures_as_the_cli_does(toy_cwd):
         with saemnesia.erase(pipe, eraser, HOOKPOINT):
             pipe("An image of Circle.", num_inference_steps=4, height=64, width=64)
     assert not block._forward_hooks and not pipe.unet._forward_pre_hooks  # removed on error too
-    with pytest.raises(ValueError, match=r"params have no entry for \['Star'\]; they cover \['Circle', 'Square'\]"):
+    with pytest.raises(ValueError, match=r"The class_params file runs/toy/class_params.json has no entry for "
+                                         r"\['Star'\] \(it covers \['Circle', 'Square'\]\)"):
         saemnesia.ConceptEraser.from_files("runs/toy/sae_supervised", STATS, "runs/toy/class_params.json",
                                            concepts=["Star"])
     with pytest.raises(ValueError, match=r"ConceptEraser.apply expects a block output \[B, 64, H, W\]; got shape "
@@ -313,8 +314,8 @@ def test_bad_input_fails_with_one_sentence(toy_cwd):
     with pytest.raises(ValueError, match="data.candidates rate erasing parameters, but target 'none'"):
         main([*SEARCH, "--data.init_args.targets=[Circle, none]"])
     save_class_params("circle_only.json", {"Circle": {"percentile": 99.0, "multiplier": -10.0}})
-    with pytest.raises(ValueError, match=r"The class_params file circle_only.json has no entry for the target "
-                                         r"concepts \['Square'\]; add them or search their parameters first."):
+    with pytest.raises(ValueError, match=r"The class_params file circle_only.json has no entry for \['Square'\] "
+                                         r"\(it covers \['Circle'\]\); add them or search their parameters first."):
         main([*UNLEARN, "--model.init_args.erasure.class_params=circle_only.json"])
     with pytest.raises(ValueError, match=r"Prompt items erase \['Circle'\] but model.erasure is not set"):
         main([*UNLEARN, "--model.init_args.erasure=null"])
